@@ -1,0 +1,120 @@
+"""A small Python client for the DigitRecognizer API.
+
+    from service.client import DigitsClient
+    with DigitsClient("localhost:50051") as client:
+        for p in client.recognize([open("seven.png", "rb").read()]).predictions:
+            print(p.digit, p.confidence)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from service.gen.digits.v1 import digits_pb2, digits_pb2_grpc
+
+ImageLike = bytes | np.ndarray  # encoded file bytes, or a 2-D uint8 (0..255) / float32 (0..1) array
+
+
+@dataclass(frozen=True)
+class TlsOptions:
+    """Client-side TLS: the CA that signed the server's certificate, plus a client pair for mTLS."""
+
+    ca: Path | None = None
+    cert: Path | None = None
+    key: Path | None = None
+    server_name: str | None = None  # override the name checked against the certificate
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        return grpc.ssl_channel_credentials(
+            root_certificates=self.ca.read_bytes() if self.ca else None,
+            private_key=self.key.read_bytes() if self.key else None,
+            certificate_chain=self.cert.read_bytes() if self.cert else None,
+        )
+
+    def options(self) -> list[tuple[str, str]]:
+        return [("grpc.ssl_target_name_override", self.server_name)] if self.server_name else []
+
+
+@dataclass(frozen=True)
+class Result:
+    digit: int
+    confidence: float
+    probabilities: tuple[float, ...]
+
+
+@dataclass(frozen=True)
+class Reply:
+    predictions: list[Result]
+    model_name: str
+    model_version: str
+
+
+def to_image(image: ImageLike) -> digits_pb2.Image:
+    """Encoded bytes or a 2-D pixel array -> protobuf Image."""
+    if isinstance(image, bytes | bytearray | memoryview):
+        return digits_pb2.Image(encoded=bytes(image))
+    array = np.asarray(image)
+    if array.ndim != 2:
+        raise ValueError(f"pixel arrays must be 2-D [height, width], got shape {array.shape}")
+    if array.dtype == np.uint8:
+        dtype = digits_pb2.DTYPE_UINT8
+    elif array.dtype == np.float32:
+        dtype = digits_pb2.DTYPE_FLOAT32
+        array = array.astype("<f4", copy=False)
+    else:
+        raise ValueError(f"pixel arrays must be uint8 or float32, got {array.dtype}")
+    height, width = array.shape
+    raw = digits_pb2.RawPixels(width=width, height=height, dtype=dtype, data=np.ascontiguousarray(array).tobytes())
+    return digits_pb2.Image(raw=raw)
+
+
+def channel(target: str, tls: TlsOptions | None = None, max_message_bytes: int = 64 * 1024 * 1024) -> grpc.Channel:
+    """A blocking channel to `target` (host:port), plaintext or TLS."""
+    options: list[tuple[str, object]] = [("grpc.max_receive_message_length", max_message_bytes),
+                                         ("grpc.max_send_message_length", max_message_bytes)]
+    if tls is None:
+        return grpc.insecure_channel(target, options=options)
+    return grpc.secure_channel(target, tls.credentials(), options=options + list(tls.options()))
+
+
+class DigitsClient:
+    """Blocking client; use as a context manager or call `close()`."""
+
+    def __init__(self, target: str, tls: TlsOptions | None = None, timeout: float = 30.0) -> None:
+        self._channel = channel(target, tls)
+        self._stub = digits_pb2_grpc.DigitRecognizerStub(self._channel)
+        self._timeout = timeout
+
+    def recognize(self, images: Sequence[ImageLike]) -> Reply:
+        """Recognize images in one call; raises grpc.RpcError with the server's status and message."""
+        request = digits_pb2.RecognizeRequest(images=[to_image(i) for i in images])
+        response = self._stub.Recognize(request, timeout=self._timeout)
+        return Reply(
+            predictions=[Result(p.digit, p.confidence, tuple(p.probabilities)) for p in response.predictions],
+            model_name=response.model.name, model_version=response.model.version)
+
+    def recognize_files(self, paths: Sequence[Path]) -> Reply:
+        return self.recognize([Path(p).read_bytes() for p in paths])
+
+    def health(self, service: str = "") -> str:
+        """The health status name (SERVING, NOT_SERVING, ...) of `service` ("" = the whole server)."""
+        stub = health_pb2_grpc.HealthStub(self._channel)
+        reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=self._timeout)
+        return str(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> DigitsClient:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()

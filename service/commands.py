@@ -1,0 +1,128 @@
+"""The serving subcommands of `digits`: serve, predict, health."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from service import config as config_module
+
+Subparsers = Any  # argparse's _SubParsersAction is private
+
+
+def _add_tls_client_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("TLS (when the server uses --tls-cert)")
+    group.add_argument("--tls", action="store_true", help="connect with TLS (implied by --ca)")
+    group.add_argument("--ca", type=Path, help="PEM CA that signed the server certificate (default: system roots)")
+    group.add_argument("--cert", type=Path, help="PEM client certificate (mutual TLS)")
+    group.add_argument("--key", type=Path, help="PEM client key (mutual TLS)")
+    group.add_argument("--server-name", help="name to verify in the server certificate (default: from --server)")
+
+
+def tls_from_args(args: argparse.Namespace) -> Any:
+    """TlsOptions from the client flags, or None for plaintext."""
+    from service.client import TlsOptions
+
+    if not (args.tls or args.ca or args.cert):
+        return None
+    return TlsOptions(ca=args.ca, cert=args.cert, key=args.key, server_name=args.server_name)
+
+
+def register_serve(subparsers: Subparsers) -> None:
+    parser = subparsers.add_parser(
+        "serve", help="serve a model over gRPC with dynamic batching and Prometheus metrics",
+        description="Serve an ONNX digit model. Every flag can also be set with a DIGITS_* environment "
+                    "variable (flag > environment > default).")
+    config_module.add_arguments(parser)
+    parser.set_defaults(func=run_serve)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from service import logs
+    from service.server import serve
+
+    try:
+        cfg = config_module.from_sources(args)
+    except ValueError as exc:
+        print(f"digits serve: {exc}", file=sys.stderr)
+        return 2
+    logs.configure(cfg.log_format, cfg.log_level)
+    if cfg.workers > 1:
+        from service.workers import run_workers
+
+        return run_workers(cfg)
+    return asyncio.run(serve(cfg))
+
+
+def register_predict(subparsers: Subparsers) -> None:
+    parser = subparsers.add_parser(
+        "predict", help="recognize image files with a running server",
+        description="Send image files (PNG, JPEG, ...) to a server; prints `file digit confidence` per file.")
+    parser.add_argument("files", nargs="+", type=Path, metavar="FILE", help="image files")
+    parser.add_argument("--server", default="localhost:50051", help="host:port of the server")
+    parser.add_argument("--json", action="store_true", help="print a JSON array instead of text lines")
+    parser.add_argument("--timeout", type=float, default=30.0, help="seconds before giving up")
+    _add_tls_client_flags(parser)
+    parser.set_defaults(func=run_predict)
+
+
+def run_predict(args: argparse.Namespace) -> int:
+    import grpc
+
+    from service.client import DigitsClient
+
+    missing = [str(f) for f in args.files if not f.is_file()]
+    if missing:
+        print(f"digits predict: no such file: {', '.join(missing)}", file=sys.stderr)
+        return 2
+    try:
+        with DigitsClient(args.server, tls=tls_from_args(args), timeout=args.timeout) as client:
+            reply = client.recognize_files(args.files)
+    except grpc.RpcError as exc:
+        print(f"digits predict: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        return 1
+    rows = [{"file": str(f), "digit": p.digit, "confidence": round(p.confidence, 6),
+             "probabilities": [round(v, 6) for v in p.probabilities],
+             "model": reply.model_name, "model_version": reply.model_version}
+            for f, p in zip(args.files, reply.predictions, strict=True)]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        for row in rows:
+            print(f"{row['file']}\t{row['digit']}\t{row['confidence']:.4f}")
+    return 0
+
+
+def register_health(subparsers: Subparsers) -> None:
+    parser = subparsers.add_parser(
+        "health", help="check a server's gRPC health (exit 0 only when SERVING)",
+        description="Ask grpc.health.v1 for the server's status; exit 0 when SERVING, 1 otherwise "
+                    "(used by the Docker HEALTHCHECK).")
+    parser.add_argument("--server", default="localhost:50051", help="host:port of the server")
+    parser.add_argument("--service", default="", help="service name to check (default: the whole server)")
+    parser.add_argument("--timeout", type=float, default=3.0, help="seconds before giving up")
+    _add_tls_client_flags(parser)
+    parser.set_defaults(func=run_health)
+
+
+def run_health(args: argparse.Namespace) -> int:
+    import grpc
+
+    from service.client import DigitsClient
+
+    try:
+        with DigitsClient(args.server, tls=tls_from_args(args), timeout=args.timeout) as client:
+            status = client.health(args.service)
+    except grpc.RpcError as exc:
+        print(f"{args.server}: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        return 1
+    print(f"{args.server}: {status}")
+    return 0 if status == "SERVING" else 1
+
+
+REGISTRARS: list[Callable[[Subparsers], None]] = [register_serve, register_predict, register_health]

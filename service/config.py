@@ -1,0 +1,157 @@
+"""The server's settings: one frozen dataclass, filled from flags, `DIGITS_*` variables and defaults.
+
+Precedence: command-line flag > environment variable (``DIGITS_<FIELD>``, e.g. ``DIGITS_MAX_BATCH_SIZE``)
+> default. Every field becomes a flag (``--max-batch-size``) with its help text, so `digits serve --help`,
+the README table and the Kubernetes ConfigMap all describe the same settings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_type_hints
+
+ENV_PREFIX = "DIGITS_"
+DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "lenet5.onnx"
+
+
+def _setting(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Everything `digits serve` can be told. Immutable once the server starts."""
+
+    model: Path = _setting(DEFAULT_MODEL, "ONNX model to serve (exported by `digits export`)")
+    host: str = _setting("127.0.0.1", "address to bind the gRPC (and HTTP) ports on; 0.0.0.0 in containers")
+    port: int = _setting(50051, "gRPC port (DigitRecognizer, Open Inference Protocol, health, reflection); 0 picks a free one")
+    metrics_port: int = _setting(8002, "Prometheus /metrics HTTP port; 0 disables")
+    http_port: int = _setting(0, "HTTP/REST port (Open Inference Protocol REST, /v1/recognize, draw-a-digit page); 0 disables")
+    device: str = _setting("auto", "execution provider: auto (CUDA if onnxruntime offers it, else CPU), cpu, cuda",
+                           ("auto", "cpu", "cuda"))
+    threads: int = _setting(0, "onnxruntime intra-op threads; 0 = the CPUs available to this process (cgroup/affinity aware)")
+    max_batch_size: int = _setting(64, "most images coalesced into one session.run; 1 turns dynamic batching off")
+    max_batch_delay_ms: float = _setting(2.0, "longest a queued image waits for company before its batch runs")
+    max_queue: int = _setting(2048, "most images waiting for inference; beyond it requests get RESOURCE_EXHAUSTED at once")
+    max_images_per_request: int = _setting(256, "most images in one request (INVALID_ARGUMENT beyond)")
+    max_message_bytes: int = _setting(16 * 1024 * 1024, "largest gRPC message accepted (RESOURCE_EXHAUSTED beyond)")
+    max_image_pixels: int = _setting(25_000_000, "largest decoded image in pixels (decompression-bomb guard)")
+    max_concurrent_streams: int = _setting(256, "most concurrent HTTP/2 streams (in-flight RPCs) per connection")
+    grace_period_s: float = _setting(10.0, "on SIGTERM/SIGINT: how long in-flight requests may take to finish")
+    low_confidence: float = _setting(0.6, "predictions below this confidence count as low-confidence (drift signal)")
+    workers: int = _setting(1, "server processes sharing the port (SO_REUSEPORT)")
+    watch: bool = _setting(False, "reload the model when its file changes (SIGHUP always reloads)")
+    tls_cert: Path | None = _setting(None, "PEM certificate chain for TLS on the gRPC port")
+    tls_key: Path | None = _setting(None, "PEM private key for --tls-cert")
+    tls_client_ca: Path | None = _setting(None, "PEM CA bundle: require client certificates signed by it (mutual TLS)")
+    log_format: str = _setting("text", "log format", ("text", "json"))
+    log_level: str = _setting("info", "log level", ("debug", "info", "warning", "error"))
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.max_batch_size < 1:
+            problems.append("max-batch-size must be >= 1")
+        if self.max_batch_delay_ms < 0:
+            problems.append("max-batch-delay-ms must be >= 0")
+        if self.max_queue < 1:
+            problems.append("max-queue must be >= 1")
+        if self.max_images_per_request < 1:
+            problems.append("max-images-per-request must be >= 1")
+        if self.threads < 0:
+            problems.append("threads must be >= 0")
+        if self.workers < 1:
+            problems.append("workers must be >= 1")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            problems.append("tls-cert and tls-key must be given together")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            problems.append("tls-client-ca needs tls-cert and tls-key")
+        for name in ("port", "metrics_port", "http_port"):
+            if not 0 <= getattr(self, name) <= 65535:
+                problems.append(f"{name.replace('_', '-')} must be 0..65535")
+        if problems:
+            raise ValueError("invalid configuration: " + "; ".join(problems))
+
+    @property
+    def max_batch_delay_s(self) -> float:
+        return self.max_batch_delay_ms / 1000.0
+
+    def replace(self, **changes: Any) -> ServerConfig:
+        return dataclasses.replace(self, **changes)
+
+    def summary(self) -> dict[str, Any]:
+        """The settings as plain JSON-able values (start-up log line, /v2 metadata)."""
+        return {f.name: (str(v) if isinstance(v, Path) else v) for f in dataclasses.fields(self)
+                for v in [getattr(self, f.name)]}
+
+
+def env_name(field_name: str) -> str:
+    return ENV_PREFIX + field_name.upper()
+
+
+def _parse_bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"not a boolean: {text!r}")
+
+
+def _converter(type_: Any) -> Any:
+    text = str(type_)
+    if type_ is bool:
+        return _parse_bool
+    if type_ is int:
+        return int
+    if type_ is float:
+        return float
+    if "Path" in text:
+        return Path
+    return str
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add one flag per config field; defaults stay None so that env and defaults can fill in later."""
+    hints = get_type_hints(ServerConfig)
+    for f in dataclasses.fields(ServerConfig):
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f"{f.metadata['help']} [env {env_name(f.name)}; default {f.default}]"
+        if hints[f.name] is bool:
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
+                                help=help_text)
+        else:
+            parser.add_argument(flag, dest=f.name, type=_converter(hints[f.name]), default=None,
+                                choices=f.metadata["choices"], help=help_text)
+
+
+def from_sources(args: argparse.Namespace | None = None,
+                 environ: Mapping[str, str] | None = None) -> ServerConfig:
+    """Build the config: flags first, then `DIGITS_*` variables, then defaults.
+
+    Raises ValueError naming the variable or setting when a value cannot be used.
+    """
+    environ = os.environ if environ is None else environ
+    hints = get_type_hints(ServerConfig)
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(ServerConfig):
+        flag_value = getattr(args, f.name, None) if args is not None else None
+        if flag_value is not None:
+            values[f.name] = flag_value
+            continue
+        raw = environ.get(env_name(f.name))
+        if raw is None or raw == "":
+            continue
+        try:
+            value = _converter(hints[f.name])(raw)
+        except ValueError as exc:
+            raise ValueError(f"{env_name(f.name)}={raw!r}: {exc}") from exc
+        choices = f.metadata["choices"]
+        if choices and value not in choices:
+            raise ValueError(f"{env_name(f.name)}={raw!r}: must be one of {', '.join(choices)}")
+        values[f.name] = value
+    return ServerConfig(**values)

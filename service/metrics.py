@@ -1,0 +1,90 @@
+"""Every Prometheus metric the server exports, defined once.
+
+Names follow Prometheus conventions: one `digits_` prefix, base units (seconds), `_total` on counters.
+Each server owns its registry (tests run several servers in one process); `/metrics` serves it
+together with the default process, platform and GC collectors.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+)
+
+# Sub-millisecond resolution at the bottom (a LeNet-5 batch runs in tens of microseconds), seconds on top.
+LATENCY_BUCKETS = (
+    0.00005, 0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.0025, 0.005, 0.0075, 0.01,
+    0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+DIGITS = tuple(str(d) for d in range(10))
+
+
+
+class Metrics:
+    """The server's metrics on their own registry."""
+
+    def __init__(self, registry: CollectorRegistry | None = None, process_collectors: bool = True) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        if process_collectors:
+            ProcessCollector(registry=self.registry)
+            PlatformCollector(registry=self.registry)
+            GCCollector(registry=self.registry)
+        r = self.registry
+        self.requests = Counter(
+            "digits_requests", "Requests answered, by RPC (or HTTP route) and gRPC status code.",
+            ["rpc", "code"], registry=r)
+        self.images = Counter(
+            "digits_images_received", "Images received, by RPC.", ["rpc"], registry=r)
+        self.request_seconds = Histogram(
+            "digits_request_duration_seconds", "Whole-request latency as the server sees it, by RPC.",
+            ["rpc"], buckets=LATENCY_BUCKETS, registry=r)
+        self.preprocess_seconds = Histogram(
+            "digits_preprocess_duration_seconds", "Decoding and MNIST preprocessing time per request.",
+            buckets=LATENCY_BUCKETS, registry=r)
+        self.queue_seconds = Histogram(
+            "digits_queue_wait_seconds", "Time a request waited in the batch queue before its batch ran.",
+            buckets=LATENCY_BUCKETS, registry=r)
+        self.inference_seconds = Histogram(
+            "digits_inference_duration_seconds", "session.run time per batch (normalization included).",
+            buckets=LATENCY_BUCKETS, registry=r)
+        self.batch_size = Histogram(
+            "digits_batch_size", "Images per session.run.", buckets=BATCH_BUCKETS, registry=r)
+        self.queue_depth = Gauge(
+            "digits_queue_depth", "Images waiting in the batch queue.", registry=r)
+        self.queue_capacity = Gauge(
+            "digits_queue_capacity", "Most images the batch queue holds (--max-queue).", registry=r)
+        self.inflight = Gauge(
+            "digits_inflight_requests", "Requests being processed.", registry=r)
+        self.rejected = Counter(
+            "digits_rejected_requests", "Requests refused before inference, by reason.",
+            ["reason"], registry=r)
+        self.predictions = Counter(
+            "digits_predictions", "Predictions returned, by predicted digit.", ["digit"], registry=r)
+        self.low_confidence = Counter(
+            "digits_low_confidence_predictions",
+            "Predictions whose confidence is below --low-confidence (a drift signal).", registry=r)
+        self.model_info = Gauge(
+            "digits_model_info", "The model being served (value 1), with its identity as labels.",
+            ["name", "version", "sha256", "provider"], registry=r)
+        self.model_load_seconds = Gauge(
+            "digits_model_load_duration_seconds", "Time the current model took to load and warm up.",
+            registry=r)
+        self.model_reloads = Counter(
+            "digits_model_reloads", "Model reload attempts, by result.", ["result"], registry=r)
+        for digit in DIGITS:
+            self.predictions.labels(digit=digit)
+        for reason in ("queue_full", "deadline", "cancelled"):
+            self.rejected.labels(reason=reason)
+
+    def set_model(self, name: str, version: str, sha256: str, provider: str, load_seconds: float) -> None:
+        """Point the model-info metric at a newly loaded model (the old label set goes away)."""
+        self.model_info.clear()
+        self.model_info.labels(name=name, version=version, sha256=sha256, provider=provider).set(1)
+        self.model_load_seconds.set(load_seconds)

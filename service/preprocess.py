@@ -1,0 +1,207 @@
+"""Turn what clients send into model input: decode, the MNIST recipe, normalization from the metadata.
+
+Two kinds of payload arrive: encoded image files (any format Pillow reads, any polarity, size and
+position) and raw pixel arrays. Both end as a 28x28 MNIST-convention array (bright ink on black,
+digit fitted in 20x20 and centred by its centre of mass); normalization to the model's input space
+happens last, in the batcher, with the normalization of the model that runs the batch.
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from service.model_metadata import Normalization
+
+# The MNIST recipe: the digit is scaled to fit a FIT x FIT box inside the SIDE x SIDE image.
+FIT = 20
+INK_THRESHOLD = 0.2  # of the brightest ink pixel: what counts as ink when cropping
+MIN_CONTRAST = 8  # grey levels between background and ink below which an image is blank
+
+DTYPES = {"uint8": np.dtype(np.uint8), "float32": np.dtype("<f4")}
+
+
+class ImageError(ValueError):
+    """An image cannot be used; the message says why. Maps to INVALID_ARGUMENT."""
+
+    code = "INVALID_ARGUMENT"
+
+
+class ImageTooLarge(ImageError):
+    """An image exceeds a size limit. Maps to RESOURCE_EXHAUSTED."""
+
+    code = "RESOURCE_EXHAUSTED"
+
+
+@dataclass(frozen=True)
+class RawImage:
+    """Uncompressed grayscale pixels, row-major: uint8 0..255 or float32 0..1."""
+
+    width: int
+    height: int
+    dtype: str
+    data: bytes
+
+
+Payload = bytes | RawImage  # bytes: an encoded image file
+
+
+def to_pixels(payload: Payload, side: int = 28, max_pixels: int = 25_000_000,
+              ink_polarity: str = "light_on_dark") -> np.ndarray:
+    """One payload -> a [side, side] MNIST-convention array (uint8 0..255 or float32 0..1).
+
+    Raw pixels of exactly side x side are taken as they are (only normalized later); everything else
+    goes through `mnist_recipe`. Raises ImageError / ImageTooLarge naming the problem.
+    """
+    if isinstance(payload, RawImage):
+        pixels = raw_pixels(payload, max_pixels)
+        if pixels.shape == (side, side):
+            return pixels if ink_polarity == "light_on_dark" else _invert(pixels)
+        gray = pixels if pixels.dtype == np.uint8 else np.rint(pixels * 255).astype(np.uint8)
+    else:
+        gray = decode(payload, max_pixels)
+    fitted = mnist_recipe(gray, side)
+    return fitted if ink_polarity == "light_on_dark" else _invert(fitted)
+
+
+def raw_pixels(raw: RawImage, max_pixels: int) -> np.ndarray:
+    """A zero-copy [height, width] view on `raw.data`, after checking sizes and values."""
+    dtype = DTYPES.get(raw.dtype)
+    if dtype is None:
+        raise ImageError(f"raw pixels dtype must be uint8 or float32, got {raw.dtype!r}")
+    if raw.width <= 0 or raw.height <= 0:
+        raise ImageError(f"raw pixels need width and height >= 1, got {raw.width}x{raw.height}")
+    if raw.width * raw.height > max_pixels:
+        raise ImageTooLarge(
+            f"raw image of {raw.width}x{raw.height} = {raw.width * raw.height} pixels exceeds the limit "
+            f"of {max_pixels} pixels"
+        )
+    expected = raw.width * raw.height * dtype.itemsize
+    if len(raw.data) != expected:
+        raise ImageError(
+            f"raw pixels data is {len(raw.data)} bytes, but {raw.width}x{raw.height} {raw.dtype} needs {expected}"
+        )
+    pixels = np.frombuffer(raw.data, dtype=dtype).reshape(raw.height, raw.width)
+    if dtype != np.uint8:
+        if not np.isfinite(pixels).all():
+            raise ImageError("raw float32 pixels contain NaN or infinity")
+        if pixels.min() < 0.0 or pixels.max() > 1.0:
+            raise ImageError(
+                f"raw float32 pixels must lie in [0, 1] (pixel/255), found {pixels.min():g}..{pixels.max():g}"
+            )
+    return pixels
+
+
+def decode(data: bytes, max_pixels: int) -> np.ndarray:
+    """Decode an image file to 8-bit grayscale, transparent areas composited on white."""
+    if not data:
+        raise ImageError("encoded image is empty (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            # Pillow warns (and past 2x its own limit, raises) about huge images; we check ourselves.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            width, height = image.size
+            if width * height > max_pixels:
+                raise ImageTooLarge(
+                    f"{image.format} image of {width}x{height} = {width * height} pixels exceeds the limit of "
+                    f"{max_pixels} pixels (decompression-bomb guard)"
+                )
+            if width <= 0 or height <= 0:
+                raise ImageError(f"{image.format} image has no pixels ({width}x{height})")
+            image.load()
+    except ImageError:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise ImageTooLarge(f"image exceeds the decompression-bomb limit: {exc}") from exc
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError, IndexError,
+            TypeError, struct.error) as exc:
+        raise ImageError(f"cannot decode image ({len(data)} bytes): {_reason(exc)}") from exc
+    if image.mode in ("L", "1") and "transparency" not in image.info:
+        return np.asarray(image.convert("L"))
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+        return _wide_to_uint8(np.asarray(image, dtype=np.float64))
+    # Anything with (or possibly with) alpha: composite on white, as a page or canvas would show it.
+    rgba = image.convert("RGBA")
+    white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+    return np.asarray(Image.alpha_composite(white, rgba).convert("L"))
+
+
+def mnist_recipe(gray: np.ndarray, side: int = 28) -> np.ndarray:
+    """Any grayscale image of one digit -> [side, side] uint8, MNIST convention.
+
+    Detect polarity (the border is background) and invert so ink is bright, remove the background
+    level, crop to the ink's bounding box, scale to fit FIT x FIT keeping the aspect ratio, and paste
+    with the centre of mass at the centre.
+    """
+    border = np.concatenate((gray[0], gray[-1], gray[:, 0], gray[:, -1]))
+    background = int(np.median(border))
+    if background > 127:
+        ink = background - gray.astype(np.int16)
+    else:
+        ink = gray.astype(np.int16) - background
+    peak = int(ink.max())
+    out = np.zeros((side, side), dtype=np.uint8)
+    if peak < MIN_CONTRAST:
+        return out  # blank page: nothing to centre
+    mask = ink > peak * INK_THRESHOLD
+    rows = np.flatnonzero(mask.any(axis=1))
+    cols = np.flatnonzero(mask.any(axis=0))
+    crop = np.clip(ink[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1], 0, None)
+    crop = (crop * (255.0 / peak)).astype(np.uint8)
+    height, width = crop.shape
+    fit = min(FIT, side)
+    scale = fit / max(height, width)
+    new_w, new_h = max(1, round(width * scale)), max(1, round(height * scale))
+    if (new_w, new_h) != (width, height):
+        resample = Image.Resampling.BOX if scale < 1 else Image.Resampling.BILINEAR
+        crop = np.asarray(Image.fromarray(crop).resize((new_w, new_h), resample=resample))
+    total = float(crop.sum())
+    if total <= 0:
+        return out
+    com_y = float(crop.sum(axis=1) @ np.arange(new_h)) / total
+    com_x = float(crop.sum(axis=0) @ np.arange(new_w)) / total
+    centre = (side - 1) / 2.0
+    top = min(max(round(centre - com_y), 0), side - new_h)
+    left = min(max(round(centre - com_x), 0), side - new_w)
+    out[top:top + new_h, left:left + new_w] = crop
+    return out
+
+
+def normalize(pixels: np.ndarray, norm: Normalization, out: np.ndarray | None = None) -> np.ndarray:
+    """Map MNIST-convention pixels [N, H, W] to model input [N, 1, H, W] float32.
+
+    uint8 pixels are 0..255; float32 pixels are already ``pixel/255`` in 0..1.
+    Writes into `out` when given (the batcher's preallocated array) to avoid a copy.
+    """
+    n, h, w = pixels.shape
+    if out is None:
+        out = np.empty((n, 1, h, w), dtype=np.float32)
+    target = out.reshape(n, h, w)
+    scale = norm.scale if pixels.dtype == np.uint8 else 1.0
+    # (p*scale - mean)/std == p*(scale/std) - mean/std: one multiply and one subtract over the batch.
+    np.multiply(pixels, np.float32(scale / norm.std), out=target, casting="unsafe")
+    target -= np.float32(norm.mean / norm.std)
+    return out
+
+
+def _invert(pixels: np.ndarray) -> np.ndarray:
+    return (255 - pixels) if pixels.dtype == np.uint8 else (1.0 - pixels).astype(np.float32)
+
+
+def _wide_to_uint8(values: np.ndarray) -> np.ndarray:
+    low, high = float(values.min()), float(values.max())
+    if high <= low:
+        return np.zeros(values.shape, dtype=np.uint8)
+    return ((values - low) * (255.0 / (high - low))).astype(np.uint8)
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    reason = text[0] if text else type(exc).__name__
+    return reason[:200]

@@ -1,0 +1,282 @@
+"""The training subcommands of `digits`: train, evaluate, export, download.
+
+Loaded by `digits` on every install, including servers without torch, so this module imports nothing
+heavy: each handler imports what it needs when it runs, and the torch-based ones say how to install
+the training extra when torch is missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import shlex
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+TORCH_HINT = "pip install '.[train]' torch==2.13.0"
+DEFAULT_MODEL = "models/lenet5.onnx"
+
+
+def _fail(command: str, message: str, code: int = 1) -> int:
+    print(f"digits {command}: error: {message}", file=sys.stderr)
+    return code
+
+
+def _needs_torch(command: str) -> int | None:
+    if importlib.util.find_spec("torch") is None:
+        return _fail(command, f"digits {command} needs the training extra: {TORCH_HINT}", 2)
+    return None
+
+
+def _known_errors() -> tuple[type[Exception], ...]:
+    """Errors that carry a message for the user (the rest are bugs and keep their traceback)."""
+    from service.model_metadata import MetadataError
+    from training.data import DataError
+
+    errors: list[type[Exception]] = [DataError, MetadataError, FileNotFoundError, PermissionError]
+    if importlib.util.find_spec("torch") is not None:
+        from training.export import ExportError
+        from training.train import TrainError
+
+        errors += [ExportError, TrainError]
+    from training.download import DownloadError
+    from training.evaluate import ModelError
+
+    return (*errors, DownloadError, ModelError)
+
+
+def _guarded(
+    command: str, handler: Callable[[argparse.Namespace], int]
+) -> Callable[[argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return handler(args)
+        except _known_errors() as exc:
+            return _fail(command, str(exc))
+
+    return run
+
+
+def _command_line(command: str, args: argparse.Namespace, options: dict[str, str]) -> str:
+    """The canonical `digits ...` line for the options that matter, to record in the model."""
+    parts = ["digits", command]
+    for dest, flag in options.items():
+        value = getattr(args, dest)
+        if value is True:
+            parts.append(flag)
+        elif value not in (None, False):
+            parts += [flag, str(value)]
+    return shlex.join(parts)
+
+
+# --- handlers --------------------------------------------------------------------------------------
+
+
+def _train(args: argparse.Namespace) -> int:
+    if (code := _needs_torch("train")) is not None:
+        return code
+    import shutil
+
+    from training.export import export_checkpoint
+    from training.train import TrainConfig, train
+
+    command = _command_line(
+        "train",
+        args,
+        {
+            "data_dir": "--data-dir",
+            "out_dir": "--out-dir",
+            "epochs": "--epochs",
+            "seed": "--seed",
+            "no_augment": "--no-augment",
+            "lr_schedule": "--lr-schedule",
+            "val_size": "--val-size",
+            "test_size": "--test-size",
+            "resume": "--resume",
+            "model_out": "--model-out",
+            "version": "--version",
+        },
+    )
+    config = TrainConfig(
+        data_dir=Path(args.data_dir),
+        out_dir=Path(args.out_dir),
+        epochs=args.epochs,
+        seed=args.seed,
+        augment=not args.no_augment,
+        lr_schedule=args.lr_schedule,
+        val_size=args.val_size,
+        test_size=args.test_size,
+        resume=Path(args.resume) if args.resume else None,
+        command=command,
+    )
+    result = train(config)
+    model_out = Path(args.model_out) if args.model_out else config.out_dir / "lenet5.onnx"
+    exported = export_checkpoint(result.best_checkpoint, model_out, version=args.version, command=command)
+    curves = model_out.parent / "training-curves.png"
+    if curves.resolve() != (config.out_dir / "training-curves.png").resolve():
+        shutil.copyfile(config.out_dir / "training-curves.png", curves)
+    print(
+        f"wrote {exported.path} (sha256 {exported.sha256[:12]}..., parity max diff "
+        f"{exported.parity_max_diff:.2g}) and {exported.card_path}"
+    )
+    print(f"measure it: digits evaluate --model {model_out} --data-dir {config.out_dir / 'heldout'}")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    if (code := _needs_torch("export")) is not None:
+        return code
+    from training.data import has_split, load_split
+    from training.export import PARITY_TOLERANCE, export_checkpoint
+    from training.train import PARITY_DIGITS, load_checkpoint
+
+    pixels = None
+    if args.data_dir:
+        split = "test" if has_split(args.data_dir, "test") else "train"
+        pixels = load_split(args.data_dir, split).images[:PARITY_DIGITS]
+    export_line = _command_line(
+        "export",
+        args,
+        {"checkpoint": "--checkpoint", "out": "--out", "version": "--version", "data_dir": "--data-dir"},
+    )
+    trained_by = load_checkpoint(args.checkpoint)["config"].get("command") or "digits train ..."
+    result = export_checkpoint(
+        args.checkpoint,
+        args.out,
+        version=args.version,
+        command=f"{trained_by} && {export_line}",
+        parity_pixels=pixels,
+    )
+    print(
+        f"wrote {result.path} (sha256 {result.sha256}) and {result.card_path}; onnxruntime matches PyTorch "
+        f"on {PARITY_DIGITS if pixels is None else len(pixels)} digits, max diff {result.parity_max_diff:.2g} "
+        f"(tolerance {PARITY_TOLERANCE:g})"
+    )
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from training.evaluate import evaluate, format_report
+
+    report = evaluate(args.model, args.data_dir, args.split, args.batch_size)
+    if args.plot:
+        if importlib.util.find_spec("matplotlib") is None:
+            return _fail("evaluate", "--plot needs matplotlib: pip install matplotlib")
+        from training.plots import plot_confusion_matrix
+
+        title = f"{report.model_name} {report.model_version}: {report.split} accuracy {report.accuracy:.2%}"
+        plot_confusion_matrix(report.confusion_matrix, [c.label for c in report.per_class], args.plot, title)
+    if args.json:
+        print(json.dumps(report.to_json()))
+    else:
+        print(format_report(report))
+        if args.plot:
+            print(f"\nconfusion matrix plot: {args.plot}")
+    return 0
+
+
+def _download(args: argparse.Namespace) -> int:
+    from training.download import download_mnist
+
+    download_mnist(args.data_dir, args.mirror or None, timeout=args.timeout)
+    return 0
+
+
+# --- registration ----------------------------------------------------------------------------------
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def register(subparsers: Any) -> None:
+    """Add train, evaluate, export and download to the `digits` subparsers."""
+    train = subparsers.add_parser(
+        "train",
+        help="train LeNet-5 on MNIST IDX files and export the best model to ONNX",
+        description="Train LeNet-5 (needs torch), keep the best epoch on validation, export it to ONNX.",
+    )
+    train.add_argument("--data-dir", required=True, help="directory with train-*[.gz] (and t10k-*) IDX files")
+    train.add_argument(
+        "--out-dir", required=True, help="run directory: checkpoints, metrics, held-out digits"
+    )
+    train.add_argument("--epochs", type=_positive_int, default=40, help="number of epochs (default 40)")
+    train.add_argument(
+        "--seed", type=int, default=1, help="seed for init, shuffling, augmentation (default 1)"
+    )
+    train.add_argument("--no-augment", action="store_true", help="disable the random rotation/shift/scale")
+    train.add_argument(
+        "--lr-schedule",
+        choices=("cosine", "constant"),
+        default="cosine",
+        help="Adam learning rate 1e-3, decayed by cosine (default) or constant",
+    )
+    train.add_argument(
+        "--val-size", type=_positive_int, default=1000, help="validation digits (default 1000)"
+    )
+    train.add_argument(
+        "--test-size",
+        type=_positive_int,
+        default=1000,
+        help="test digits held out when the data dir has no t10k-* files (default 1000)",
+    )
+    train.add_argument("--resume", metavar="CKPT", help="continue from a checkpoint (e.g. OUT_DIR/last.pt)")
+    train.add_argument(
+        "--model-out", metavar="PATH.onnx", help="where to export (default OUT_DIR/lenet5.onnx)"
+    )
+    train.add_argument("--version", default="1.0.0", help="model version written into the metadata")
+    train.set_defaults(func=_guarded("train", _train))
+
+    evaluate = subparsers.add_parser(
+        "evaluate",
+        help="accuracy, per-class figures and confusion matrix of an ONNX model on IDX digits",
+        description="Run an exported model with onnxruntime (no torch needed) on a split of an IDX data dir.",
+    )
+    evaluate.add_argument("--model", default=DEFAULT_MODEL, help=f"ONNX model (default {DEFAULT_MODEL})")
+    evaluate.add_argument("--data-dir", required=True, help="directory with the split's IDX files")
+    evaluate.add_argument(
+        "--split",
+        choices=("test", "train"),
+        default="test",
+        help="test = t10k-* files (default), train = train-* files",
+    )
+    evaluate.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+    evaluate.add_argument("--plot", metavar="FILE.png", help="also draw the confusion matrix")
+    evaluate.add_argument(
+        "--batch-size", type=_positive_int, default=1000, help="inference batch (default 1000)"
+    )
+    evaluate.set_defaults(func=_guarded("evaluate", _evaluate))
+
+    export = subparsers.add_parser(
+        "export",
+        help="export a training checkpoint to ONNX with serving metadata and a model card",
+        description="Export a checkpoint (needs torch), verify onnxruntime against PyTorch, write the card.",
+    )
+    export.add_argument("--checkpoint", required=True, help="checkpoint from digits train (e.g. best.pt)")
+    export.add_argument("--out", default=DEFAULT_MODEL, help=f"ONNX file to write (default {DEFAULT_MODEL})")
+    export.add_argument("--version", default="1.0.0", help="model version written into the metadata")
+    export.add_argument(
+        "--data-dir", help="take the 256 parity digits from here (default: from the checkpoint)"
+    )
+    export.set_defaults(func=_guarded("export", _export))
+
+    download = subparsers.add_parser(
+        "download",
+        help="download the MNIST IDX files (sha256-verified)",
+        description="Fetch the four MNIST .gz files from a mirror and verify their sha256.",
+    )
+    download.add_argument("--data-dir", required=True, help="directory to download into")
+    download.add_argument(
+        "--mirror",
+        action="append",
+        metavar="URL",
+        help="mirror base URL (repeatable; default: $DIGITS_MNIST_MIRROR or the known mirrors)",
+    )
+    download.add_argument("--timeout", type=float, default=10.0, help="seconds per connection (default 10)")
+    download.set_defaults(func=_guarded("download", _download))

@@ -1,0 +1,347 @@
+"""MNIST in the IDX format: strict reading, writing, locating the files and the deterministic splits.
+
+The reader never trusts a file: the magic number, the dimensions and the payload length are checked,
+and every problem becomes a `DataError` that names the file, instead of a numpy or zlib traceback.
+Nothing here imports torch, so `digits evaluate` works on a server install.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from service.model_metadata import Normalization
+
+Split = Literal["train", "test"]
+
+NUM_CLASSES = 10
+IMAGE_SIZE = 28
+
+# Input normalization, defined once: mean and std of pixel/255 over the MNIST training set.
+# Written into every exported model's metadata; the server and `digits evaluate` read it from there.
+NORMALIZATION = Normalization(scale=1 / 255, mean=0.1307, std=0.3081)
+
+# The canonical MNIST file names per split (torchvision and the original site use the same ones).
+SPLIT_FILES: dict[str, tuple[str, str]] = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+
+# Where the files may sit inside --data-dir: directly, or torchvision's MNIST/raw layout.
+SEARCH_SUBDIRS = (".", "MNIST/raw", "raw")
+
+# IDX type codes (third byte of the magic number) -> big-endian numpy dtype.
+_IDX_DTYPES: dict[int, np.dtype] = {
+    0x08: np.dtype(np.uint8),
+    0x09: np.dtype(np.int8),
+    0x0B: np.dtype(">i2"),
+    0x0C: np.dtype(">i4"),
+    0x0D: np.dtype(">f4"),
+    0x0E: np.dtype(">f8"),
+}
+_IDX_CODES = {dtype: code for code, dtype in _IDX_DTYPES.items()}
+_GZIP_MAGIC = b"\x1f\x8b"
+
+
+class DataError(ValueError):
+    """A data file is missing, truncated, corrupt or inconsistent; the message names the file."""
+
+
+@dataclass(frozen=True)
+class Digits:
+    """Labelled digits: ``images`` uint8 [N, 28, 28] (ink bright), ``labels`` uint8 [N] in 0..9."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    source: str
+    """Human-readable origin (files, or which indices of which files)."""
+    sha256: dict[str, str]
+    """sha256 of each source file by name, so a model can say exactly what it was trained on."""
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def subset(self, indices: np.ndarray, description: str) -> Digits:
+        """The digits at `indices`, with `description` appended to the source."""
+        return Digits(
+            images=self.images[indices],
+            labels=self.labels[indices],
+            source=f"{self.source} {description}",
+            sha256=self.sha256,
+        )
+
+
+# --- reading ---------------------------------------------------------------------------------------
+
+
+def _read_bytes(path: Path) -> bytes:
+    """The decompressed content of `path`; gzip is recognised by suffix or by its magic bytes."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found") from None
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    if path.suffix == ".gz" or raw[:2] == _GZIP_MAGIC:
+        if raw[:2] != _GZIP_MAGIC:
+            raise DataError(f"{path}: not a gzip file (bad gzip header) although the name ends in .gz")
+        try:
+            return gzip.decompress(raw)
+        except (OSError, EOFError, zlib.error) as exc:
+            # EOFError: the compressed stream ends early; BadGzipFile/zlib.error: corrupt data or CRC.
+            raise DataError(f"{path}: corrupt or truncated gzip data ({exc})") from None
+    return raw
+
+
+def read_idx(path: str | Path) -> np.ndarray:
+    """Read any IDX file (raw or .gz) into a native-endian numpy array, validating header and length."""
+    path = Path(path)
+    data = _read_bytes(path)
+    if len(data) < 4:
+        raise DataError(f"{path}: too short for an IDX header ({len(data)} bytes)")
+    zero, code, ndim = int.from_bytes(data[:2], "big"), data[2], data[3]
+    if zero != 0 or code not in _IDX_DTYPES or ndim == 0:
+        raise DataError(f"{path}: bad magic number 0x{data[:4].hex()} (not an IDX file)")
+    header_len = 4 + 4 * ndim
+    if len(data) < header_len:
+        raise DataError(f"{path}: truncated header ({len(data)} bytes, IDX header needs {header_len})")
+    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    dtype = _IDX_DTYPES[code]
+    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    actual = len(data) - header_len
+    if actual < expected:
+        raise DataError(
+            f"{path}: truncated payload: header says shape {list(shape)} ({expected} bytes), "
+            f"file holds {actual} bytes"
+        )
+    if actual > expected:
+        raise DataError(
+            f"{path}: {actual - expected} trailing bytes after the payload of shape {list(shape)}"
+        )
+    array = np.frombuffer(data, dtype=dtype, offset=header_len).reshape(shape)
+    return array.astype(dtype.newbyteorder("="), copy=False)
+
+
+def read_images(path: str | Path) -> np.ndarray:
+    """Read an MNIST image file: magic 0x00000803, uint8 [N, 28, 28]."""
+    path = Path(path)
+    array = read_idx(path)
+    if array.dtype != np.uint8 or array.ndim != 3:
+        raise DataError(
+            f"{path}: expected an image file (magic 0x00000803, uint8 with 3 dimensions), "
+            f"got {array.dtype} with {array.ndim} dimension(s)"
+        )
+    if array.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE):
+        raise DataError(
+            f"{path}: images are {array.shape[1]}x{array.shape[2]}, expected {IMAGE_SIZE}x{IMAGE_SIZE}"
+        )
+    return array
+
+
+def read_labels(path: str | Path) -> np.ndarray:
+    """Read an MNIST label file: magic 0x00000801, uint8 [N] with values 0..9."""
+    path = Path(path)
+    array = read_idx(path)
+    if array.dtype != np.uint8 or array.ndim != 1:
+        raise DataError(
+            f"{path}: expected a label file (magic 0x00000801, uint8 with 1 dimension), "
+            f"got {array.dtype} with {array.ndim} dimension(s)"
+        )
+    if array.size and int(array.max()) >= NUM_CLASSES:
+        bad = int(np.argmax(array >= NUM_CLASSES))
+        raise DataError(
+            f"{path}: label {int(array[bad])} at index {bad} is out of range 0..{NUM_CLASSES - 1}"
+        )
+    return array
+
+
+def write_idx(path: str | Path, array: np.ndarray) -> Path:
+    """Write `array` as an IDX file, gzip-compressed when the name ends in .gz (reproducibly: mtime 0)."""
+    path = Path(path)
+    dtype = array.dtype.newbyteorder(">") if array.dtype.itemsize > 1 else array.dtype
+    if dtype not in _IDX_CODES:
+        raise ValueError(f"IDX cannot store dtype {array.dtype}")
+    header = bytes([0, 0, _IDX_CODES[dtype], array.ndim])
+    header += b"".join(int(n).to_bytes(4, "big") for n in array.shape)
+    payload = header + np.ascontiguousarray(array, dtype=dtype).tobytes()
+    if path.suffix == ".gz":
+        payload = gzip.compress(payload, compresslevel=9, mtime=0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(payload)
+    return path
+
+
+# --- locating and loading splits -------------------------------------------------------------------
+
+
+def _find_file(data_dir: Path, stem: str) -> Path | None:
+    for sub in SEARCH_SUBDIRS:
+        for name in (f"{stem}.gz", stem):
+            candidate = data_dir / sub / name
+            if candidate.is_file():
+                return candidate
+    return None
+
+
+def split_files(data_dir: str | Path, split: str) -> tuple[Path, Path]:
+    """The (images, labels) paths of `split` in `data_dir`; `DataError` says what is missing and where."""
+    data_dir = Path(data_dir)
+    if split not in SPLIT_FILES:
+        raise DataError(f"unknown split {split!r} (expected one of {', '.join(SPLIT_FILES)})")
+    if not data_dir.is_dir():
+        raise DataError(f"{data_dir}: data directory not found")
+    found = [_find_file(data_dir, stem) for stem in SPLIT_FILES[split]]
+    missing = [stem for stem, path in zip(SPLIT_FILES[split], found, strict=True) if path is None]
+    if missing:
+        places = ", ".join(str(data_dir / sub) for sub in SEARCH_SUBDIRS)
+        raise DataError(
+            f"{data_dir}: missing {' and '.join(f'{m}[.gz]' for m in missing)} for the {split} split "
+            f"(looked in {places})"
+        )
+    images, labels = found
+    assert images is not None and labels is not None
+    return images, labels
+
+
+def has_split(data_dir: str | Path, split: str) -> bool:
+    """Whether both files of `split` exist in `data_dir` (their content is not checked here)."""
+    try:
+        split_files(data_dir, split)
+    except DataError:
+        return False
+    return True
+
+
+def file_sha256(path: Path) -> str:
+    """The sha256 of the file's bytes as stored (compressed or not)."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load_split(data_dir: str | Path, split: str) -> Digits:
+    """Load and cross-check the images and labels of `split` ("train" or "test") from `data_dir`."""
+    images_path, labels_path = split_files(data_dir, split)
+    images = read_images(images_path)
+    labels = read_labels(labels_path)
+    if images.shape[0] != labels.shape[0]:
+        raise DataError(
+            f"{images_path}: {images.shape[0]} images but {labels_path} has {labels.shape[0]} labels"
+        )
+    return Digits(
+        images=images,
+        labels=labels,
+        source=f"{images_path.name}+{labels_path.name} in {images_path.parent}",
+        sha256={path.name: file_sha256(path) for path in (images_path, labels_path)},
+    )
+
+
+def write_split(data_dir: str | Path, split: str, digits: Digits) -> tuple[Path, Path]:
+    """Write `digits` as the gzip IDX pair of `split` in `data_dir` (e.g. a held-out set as t10k-*)."""
+    images_stem, labels_stem = SPLIT_FILES[split]
+    data_dir = Path(data_dir)
+    return (
+        write_idx(data_dir / f"{images_stem}.gz", digits.images),
+        write_idx(data_dir / f"{labels_stem}.gz", digits.labels),
+    )
+
+
+# --- deterministic, stratified hold-out ------------------------------------------------------------
+
+SPLIT_SEED = 20261123
+"""Seed of the hold-out draw; changing it changes which digits are validation/test (see docs/training.md)."""
+
+
+def _quotas(counts: np.ndarray, n: int) -> np.ndarray:
+    """Split `n` over classes in proportion to `counts` (largest remainder, ties to the lower class)."""
+    total = int(counts.sum())
+    if n > total:
+        raise DataError(f"cannot hold out {n} digits from only {total}")
+    exact = counts * n / total
+    quotas = np.floor(exact).astype(np.int64)
+    order = np.lexsort((np.arange(counts.size), -(exact - quotas)))
+    quotas[order[: n - int(quotas.sum())]] += 1
+    return quotas
+
+
+def stratified_holdout(
+    labels: np.ndarray, sizes: Sequence[int], seed: int = SPLIT_SEED
+) -> tuple[np.ndarray, ...]:
+    """Deterministically split indices of `labels` into parts of `sizes` plus the rest, stratified by class.
+
+    Returns ``len(sizes) + 1`` sorted index arrays: one per requested size, then the remaining indices.
+    Each part has every class in proportion to its share of `labels` (largest-remainder rounding), and
+    the digits of a class are taken in the order of ``numpy.random.default_rng(seed).permutation``.
+    """
+    labels = np.asarray(labels)
+    order = np.random.default_rng(seed).permutation(labels.shape[0])
+    left = np.bincount(labels, minlength=NUM_CLASSES)
+    # Each part's per-class quota is proportional to what the previous parts left over.
+    quotas = []
+    for size in sizes:
+        quota = _quotas(left, size)
+        quotas.append(quota)
+        left = left - quota
+    parts: list[list[np.ndarray]] = [[] for _ in range(len(sizes) + 1)]
+    for cls in range(left.size):
+        members = order[labels[order] == cls]
+        start = 0
+        for chunks, quota in zip(parts, quotas, strict=False):
+            chunks.append(members[start : start + quota[cls]])
+            start += int(quota[cls])
+        parts[-1].append(members[start:])
+    return tuple(np.sort(np.concatenate(chunks)) for chunks in parts)
+
+
+@dataclass(frozen=True)
+class Splits:
+    """The three disjoint parts a run uses; only `train` is trained on, only `val` selects the model."""
+
+    train: Digits
+    val: Digits
+    test: Digits
+    validation_description: str
+    test_description: str
+    test_is_holdout: bool
+    """True when `test` was carved out of the train files (no t10k-* in the data dir)."""
+    val_indices: np.ndarray
+    test_indices: np.ndarray | None
+    """Indices into the train files; None when the test set is the real t10k-* files."""
+
+
+def prepare_splits(
+    data_dir: str | Path, val_size: int = 1000, test_size: int = 1000, seed: int = SPLIT_SEED
+) -> Splits:
+    """Load `data_dir` and split it: validation (and, without t10k-* files, test) held out of train."""
+    full = load_split(data_dir, "train")
+    rule = f"stratified by class, numpy.random.default_rng({seed})"
+    if has_split(data_dir, "test"):
+        test = load_split(data_dir, "test")
+        val_idx, train_idx = stratified_holdout(full.labels, [val_size], seed)
+        test_idx = None
+        test_description = f"all {len(test)} digits of the t10k-* files"
+    else:
+        val_idx, test_idx, train_idx = stratified_holdout(full.labels, [val_size, test_size], seed)
+        test = full.subset(test_idx, f"[{len(test_idx)} held-out test digits]")
+        test_description = (
+            f"{len(test_idx)} digits held out of the train-* files ({rule}, second draw after validation)"
+        )
+    return Splits(
+        train=full.subset(train_idx, f"[{len(train_idx)} training digits]"),
+        val=full.subset(val_idx, f"[{len(val_idx)} validation digits]"),
+        test=test,
+        validation_description=f"{len(val_idx)} digits held out of the train-* files ({rule})",
+        test_description=test_description,
+        test_is_holdout=test_idx is not None,
+        val_indices=val_idx,
+        test_indices=test_idx,
+    )

@@ -1,0 +1,305 @@
+"""Training loop: Adam, light augmentation, best-on-validation checkpoints, exact resume, metrics log.
+
+Repeatability on CPU: one seed drives the weight init (torch.manual_seed) and a dedicated generator
+drives shuffling and augmentation; deterministic algorithms are enforced. The generator state is saved
+in every checkpoint, so "2 epochs" and "1 epoch, then --resume for 1 more" give identical weights.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from service.preprocess import normalize
+from training.augment import AffineAugment
+from training.data import NORMALIZATION, SPLIT_SEED, Digits, Splits, prepare_splits, write_split
+from training.model import LeNet5
+from training.plots import plot_training_curves
+
+CHECKPOINT_FORMAT = 1
+PARITY_DIGITS = 256
+LR_SCHEDULES = ("cosine", "constant")
+
+
+class TrainError(RuntimeError):
+    """A run cannot start or continue (e.g. resuming a checkpoint made on different data)."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that determines a run; stored in the checkpoint as plain values."""
+
+    data_dir: Path
+    out_dir: Path
+    epochs: int = 40
+    seed: int = 1
+    augment: bool = True
+    lr: float = 1e-3
+    lr_schedule: str = "cosine"
+    batch_size: int = 128
+    val_size: int = 1000
+    test_size: int = 1000
+    split_seed: int = SPLIT_SEED
+    resume: Path | None = None
+    command: str = ""
+    """The `digits train ...` line that started the run, recorded in the exported model."""
+    progress: bool = True
+    """Show the tqdm bar (it hides itself anyway when stderr is not a terminal)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self).items()}
+
+
+@dataclass
+class TrainResult:
+    """Where the run left its files and what it measured."""
+
+    best_checkpoint: Path
+    last_checkpoint: Path
+    best_epoch: int
+    best_val_acc: float
+    test_acc: float
+    seconds: float
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def configure_torch(seed: int) -> None:
+    """Seed torch, demand deterministic kernels, and use the CPUs this process may run on."""
+    torch.manual_seed(seed)
+    torch.use_deterministic_algorithms(True)
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    torch.set_num_threads(max(1, cpus))
+
+
+def to_tensors(digits: Digits) -> tuple[torch.Tensor, torch.Tensor]:
+    """Model input (the server's own normalize, with the normalization written into the model) and labels."""
+    images = torch.from_numpy(normalize(digits.images, NORMALIZATION))
+    return images, torch.from_numpy(digits.labels.astype(np.int64))
+
+
+def learning_rate(config: TrainConfig, epoch: int) -> float:
+    """Learning rate for 1-based `epoch`: Adam's 1e-3 start, then cosine decay to 0 over the run."""
+    if config.lr_schedule == "constant":
+        return config.lr
+    return config.lr * 0.5 * (1 + math.cos(math.pi * (epoch - 1) / config.epochs))
+
+
+@torch.no_grad()
+def measure(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
+    """(mean cross-entropy, accuracy) of `model` in eval mode."""
+    model.eval()
+    loss_sum, correct = 0.0, 0
+    for start in range(0, images.shape[0], 1024):
+        logits = model(images[start : start + 1024])
+        target = labels[start : start + 1024]
+        loss_sum += float(F.cross_entropy(logits, target, reduction="sum"))
+        correct += int((logits.argmax(1) == target).sum())
+    count = max(1, images.shape[0])
+    return loss_sum / count, correct / count
+
+
+def train_epoch(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    config: TrainConfig,
+    generator: torch.Generator,
+    augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None,
+    description: str,
+) -> tuple[float, float]:
+    """One pass over the shuffled training set; returns (mean loss, accuracy) on the augmented batches."""
+    model.train()
+    order = torch.randperm(images.shape[0], generator=generator)
+    starts = range(0, images.shape[0], config.batch_size)
+    bar = tqdm(starts, desc=description, unit="batch", leave=False, disable=None if config.progress else True)
+    loss_sum, correct, seen = 0.0, 0, 0
+    for start in bar:
+        batch = order[start : start + config.batch_size]
+        inputs, target = images[batch], labels[batch]
+        if augment is not None:
+            inputs = augment(inputs, generator)
+        logits = model(inputs)
+        loss = F.cross_entropy(logits, target)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        loss_sum += float(loss) * target.shape[0]
+        correct += int((logits.argmax(1) == target).sum())
+        seen += target.shape[0]
+        bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.4f}")
+    return loss_sum / seen, correct / seen
+
+
+def _data_record(splits: Splits) -> dict[str, Any]:
+    return {
+        "training_data": f"{splits.train.source}",
+        "training_data_sha256": splits.train.sha256,
+        "validation_split": splits.validation_description,
+        "test_split": splits.test_description,
+        "counts": {"train": len(splits.train), "val": len(splits.val), "test": len(splits.test)},
+    }
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read a checkpoint written by `digits train` (plain tensors and values only: weights_only load)."""
+    path = Path(path)
+    if not path.is_file():
+        raise TrainError(f"{path}: checkpoint not found")
+    try:
+        checkpoint: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for a damaged or foreign file
+        raise TrainError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {exc})") from None
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
+        raise TrainError(f"{path}: not a `digits train` checkpoint (format {CHECKPOINT_FORMAT})")
+    return checkpoint
+
+
+def _save(checkpoint: dict[str, Any], path: Path) -> None:
+    # Write then rename, so an interrupted run never leaves a half-written checkpoint behind.
+    partial = path.with_suffix(".tmp")
+    torch.save(checkpoint, partial)
+    partial.replace(path)
+
+
+def write_holdout(splits: Splits, directory: Path, seed: int) -> None:
+    """Write the held-out test digits as t10k-* files (for `digits evaluate`) and every split's indices."""
+    directory.mkdir(parents=True, exist_ok=True)
+    if splits.test_is_holdout:
+        write_split(directory, "test", splits.test)
+    indices = {
+        "seed": seed,
+        "validation_description": splits.validation_description,
+        "test_description": splits.test_description,
+        "validation_indices": splits.val_indices.tolist(),
+        "test_indices": None if splits.test_indices is None else splits.test_indices.tolist(),
+    }
+    (directory / "indices.json").write_text(json.dumps(indices) + "\n")
+
+
+def train(config: TrainConfig, log: Callable[[str], None] = print) -> TrainResult:
+    """Run (or resume) training; writes checkpoints, metrics.jsonl, curves and the held-out files."""
+    if config.lr_schedule not in LR_SCHEDULES:
+        raise TrainError(f"unknown learning-rate schedule {config.lr_schedule!r}")
+    if config.epochs < 1:
+        raise TrainError("--epochs must be at least 1")
+    configure_torch(config.seed)
+    splits = prepare_splits(config.data_dir, config.val_size, config.test_size, config.split_seed)
+    out_dir = config.out_dir
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_holdout(splits, out_dir / "heldout", config.split_seed)
+    data = _data_record(splits)
+    log(
+        f"data: {len(splits.train)} train, {len(splits.val)} validation, {len(splits.test)} test digits "
+        f"from {config.data_dir}; held-out test files in {out_dir / 'heldout'}"
+    )
+
+    train_x, train_y = to_tensors(splits.train)
+    val_x, val_y = to_tensors(splits.val)
+    model = LeNet5()
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    generator = torch.Generator().manual_seed(config.seed)
+    augment = AffineAugment(background=-NORMALIZATION.mean / NORMALIZATION.std) if config.augment else None
+    history: list[dict[str, float]] = []
+    best_val_acc, best_epoch, start_epoch = -1.0, 0, 1
+    best_path, last_path = out_dir / "best.pt", out_dir / "last.pt"
+    metrics_path = out_dir / "metrics.jsonl"
+
+    if config.resume is not None:
+        state = load_checkpoint(config.resume)
+        if state["data"]["training_data_sha256"] != data["training_data_sha256"]:
+            raise TrainError(f"{config.resume}: checkpoint was trained on different data files")
+        model.load_state_dict(state["model_state"])
+        optimizer.load_state_dict(state["optimizer_state"])
+        generator.set_state(state["rng_state"])
+        history = list(state["history"])
+        best_val_acc, best_epoch = float(state["best_val_acc"]), int(state["best_epoch"])
+        start_epoch = int(state["epoch"]) + 1
+        log(f"resumed {config.resume} at epoch {start_epoch - 1} (best val acc {best_val_acc:.4f})")
+        if best_epoch == int(state["epoch"]) and not best_path.exists():
+            _save(state, best_path)
+    # The log mirrors the history: rewrite it so a resumed run has no duplicated or stale epochs.
+    metrics_path.write_text("".join(json.dumps(r) + "\n" for r in history))
+
+    parity = torch.from_numpy(splits.val.images[:PARITY_DIGITS].copy())
+    started = time.perf_counter()
+    for epoch in range(start_epoch, config.epochs + 1):
+        lr = learning_rate(config, epoch)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        tick = time.perf_counter()
+        train_loss, train_acc = train_epoch(
+            model, optimizer, train_x, train_y, config, generator, augment, f"epoch {epoch}/{config.epochs}"
+        )
+        val_loss, val_acc = measure(model, val_x, val_y)
+        record = {
+            "epoch": epoch,
+            "train_loss": train_loss,
+            "train_acc": train_acc,
+            "val_loss": val_loss,
+            "val_acc": val_acc,
+            "lr": lr,
+            "seconds": round(time.perf_counter() - tick, 3),
+        }
+        history.append(record)
+        with metrics_path.open("a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        improved = val_acc > best_val_acc
+        if improved:
+            best_val_acc, best_epoch = val_acc, epoch
+        checkpoint = {
+            "format": CHECKPOINT_FORMAT,
+            "model_state": model.state_dict(),
+            "optimizer_state": optimizer.state_dict(),
+            "rng_state": generator.get_state(),
+            "epoch": epoch,
+            "best_val_acc": best_val_acc,
+            "best_epoch": best_epoch,
+            "val_acc": val_acc,
+            "normalization": {
+                "scale": NORMALIZATION.scale,
+                "mean": NORMALIZATION.mean,
+                "std": NORMALIZATION.std,
+            },
+            "seed": config.seed,
+            "config": config.to_dict(),
+            "data": data,
+            "history": list(history),
+            "parity_images": parity,
+            "torch_version": torch.__version__,
+        }
+        _save(checkpoint, last_path)
+        if improved:
+            _save(checkpoint, best_path)
+        log(
+            f"epoch {epoch:3d}/{config.epochs}  train loss {train_loss:.4f} acc {train_acc:.4f}  "
+            f"val loss {val_loss:.4f} acc {val_acc:.4f}  lr {lr:.2e}  {record['seconds']:.1f}s"
+            + ("  *best*" if improved else "")
+        )
+    seconds = time.perf_counter() - started
+
+    plot_training_curves(history, out_dir / "training-curves.png")
+    # The test set is touched exactly once, by the selected model, after training is over.
+    best = load_checkpoint(best_path)
+    model.load_state_dict(best["model_state"])
+    test_x, test_y = to_tensors(splits.test)
+    _, test_acc = measure(model, test_x, test_y)
+    best["test_accuracy"] = test_acc
+    best["train_seconds"] = seconds
+    _save(best, best_path)
+    log(
+        f"best epoch {best_epoch}: val acc {best_val_acc:.4f}; held-out test acc {test_acc:.4f} "
+        f"({len(splits.test)} digits); {seconds:.1f}s"
+    )
+    return TrainResult(best_path, last_path, best_epoch, best_val_acc, test_acc, seconds, history)
