@@ -58,28 +58,29 @@ class LoadedModel:
         return outputs[0], outputs[1]
 
 
-def available_cpus() -> int:
+def available_cpus(cgroup_root: Path = Path("/sys/fs/cgroup")) -> int:
     """CPUs this process may really use: the smaller of its affinity mask and its cgroup CPU quota."""
     try:
         count = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         count = os.cpu_count() or 1
-    quota = _cgroup_cpu_quota()
+    quota = cgroup_cpu_quota(cgroup_root)
     if quota is not None:
         count = min(count, max(1, math.ceil(quota)))
     return max(1, count)
 
 
-def _cgroup_cpu_quota() -> float | None:
-    # cgroup v2: "max 100000" or "200000 100000"; v1: cfs_quota_us / cfs_period_us (-1 = unlimited).
+def cgroup_cpu_quota(root: Path = Path("/sys/fs/cgroup")) -> float | None:
+    """The container's CPU limit in CPUs (e.g. 1.5), or None when unlimited or unknown."""
+    # cgroup v2: "max 100000" or "150000 100000"; v1: cfs_quota_us / cfs_period_us (-1 = unlimited).
     try:
-        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        quota, period = (root / "cpu.max").read_text().split()[:2]
         return None if quota == "max" else int(quota) / int(period)
     except (OSError, ValueError):
         pass
     try:
-        quota_us = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").read_text())
-        period_us = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us").read_text())
+        quota_us = int((root / "cpu" / "cpu.cfs_quota_us").read_text())
+        period_us = int((root / "cpu" / "cpu.cfs_period_us").read_text())
         return None if quota_us <= 0 else quota_us / period_us
     except (OSError, ValueError):
         return None

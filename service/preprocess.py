@@ -117,9 +117,11 @@ def decode(data: bytes, max_pixels: int) -> np.ndarray:
             image.load()
     except ImageError:
         raise
+    except UnidentifiedImageError as exc:
+        raise ImageError(f"cannot decode image ({len(data)} bytes): not a format Pillow recognises") from exc
     except Image.DecompressionBombError as exc:
         raise ImageTooLarge(f"image exceeds the decompression-bomb limit: {exc}") from exc
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError, IndexError,
+    except (OSError, ValueError, SyntaxError, EOFError, IndexError,
             TypeError, struct.error) as exc:
         raise ImageError(f"cannot decode image ({len(data)} bytes): {_reason(exc)}") from exc
     if image.mode in ("L", "1") and "transparency" not in image.info:

@@ -8,7 +8,6 @@ the training extra when torch is missing.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import shlex
 import sys
@@ -26,7 +25,10 @@ def _fail(command: str, message: str, code: int = 1) -> int:
 
 
 def _needs_torch(command: str) -> int | None:
-    if importlib.util.find_spec("torch") is None:
+    """None when torch imports, else the exit code after printing how to install it."""
+    try:
+        import torch  # noqa: F401  (the handler imports it right after; this only checks)
+    except ImportError:
         return _fail(command, f"digits {command} needs the training extra: {TORCH_HINT}", 2)
     return None
 
@@ -35,17 +37,29 @@ def _known_errors() -> tuple[type[Exception], ...]:
     """Errors that carry a message for the user (the rest are bugs and keep their traceback)."""
     from service.model_metadata import MetadataError
     from training.data import DataError
+    from training.download import DownloadError
 
-    errors: list[type[Exception]] = [DataError, MetadataError, FileNotFoundError, PermissionError]
-    if importlib.util.find_spec("torch") is not None:
+    errors: list[type[Exception]] = [
+        DataError,
+        MetadataError,
+        DownloadError,
+        FileNotFoundError,
+        PermissionError,
+    ]
+    try:
+        from training.evaluate import ModelError
+
+        errors.append(ModelError)
+    except ImportError:  # onnxruntime missing: the evaluate handler's own import error says so
+        pass
+    try:
         from training.export import ExportError
         from training.train import TrainError
 
         errors += [ExportError, TrainError]
-    from training.download import DownloadError
-    from training.evaluate import ModelError
-
-    return (*errors, DownloadError, ModelError)
+    except ImportError:  # no torch: those handlers stop before raising these
+        pass
+    return tuple(errors)
 
 
 def _guarded(
@@ -151,9 +165,9 @@ def _export(args: argparse.Namespace) -> int:
         parity_pixels=pixels,
     )
     print(
-        f"wrote {result.path} (sha256 {result.sha256}) and {result.card_path}; onnxruntime matches PyTorch "
-        f"on {PARITY_DIGITS if pixels is None else len(pixels)} digits, max diff {result.parity_max_diff:.2g} "
-        f"(tolerance {PARITY_TOLERANCE:g})"
+        f"wrote {result.path} (sha256 {result.sha256}) and {result.card_path}; onnxruntime matches "
+        f"PyTorch on {PARITY_DIGITS if pixels is None else len(pixels)} digits, max diff "
+        f"{result.parity_max_diff:.2g} (tolerance {PARITY_TOLERANCE:g})"
     )
     return 0
 
@@ -161,10 +175,13 @@ def _export(args: argparse.Namespace) -> int:
 def _evaluate(args: argparse.Namespace) -> int:
     from training.evaluate import evaluate, format_report
 
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            return _fail("evaluate", "--plot needs matplotlib: pip install matplotlib", 2)
     report = evaluate(args.model, args.data_dir, args.split, args.batch_size)
     if args.plot:
-        if importlib.util.find_spec("matplotlib") is None:
-            return _fail("evaluate", "--plot needs matplotlib: pip install matplotlib")
         from training.plots import plot_confusion_matrix
 
         title = f"{report.model_name} {report.model_version}: {report.split} accuracy {report.accuracy:.2%}"

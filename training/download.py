@@ -96,7 +96,8 @@ def download_mnist(
         else:
             partial.unlink(missing_ok=True)
             raise DownloadError(
-                f"could not download {name}: " + "; ".join(problems) + ". If this machine is offline, copy "
-                "the MNIST IDX files (train-*/t10k-*-ubyte[.gz]) into a directory and pass it with --data-dir."
+                f"could not download {name}: " + "; ".join(problems) + ". If this machine is offline, "
+                "copy the MNIST IDX files (train-*/t10k-*-ubyte[.gz]) into a directory and pass it with "
+                "--data-dir."
             )
     return written

@@ -162,7 +162,8 @@ def check_parity(expected: np.ndarray, actual: np.ndarray, tolerance: float = PA
     if not worst <= tolerance:  # also catches NaN
         row = int(np.unravel_index(np.nanargmax(diff), diff.shape)[0]) if diff.size else -1
         raise ExportError(
-            f"parity: onnxruntime differs from PyTorch by {worst:.3g} (tolerance {tolerance:g}) on digit {row}"
+            f"parity: onnxruntime differs from PyTorch by {worst:.3g} (tolerance {tolerance:g}) "
+            f"on digit {row}"
         )
     return worst
 

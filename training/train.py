@@ -277,7 +277,7 @@ def train(config: TrainConfig, log: Callable[[str], None] = print) -> TrainResul
             "data": data,
             "history": list(history),
             "parity_images": parity,
-            "torch_version": torch.__version__,
+            "torch_version": str(torch.__version__),
         }
         _save(checkpoint, last_path)
         if improved:
