@@ -29,15 +29,19 @@ class ServerConfig:
 
     model: Path = _setting(DEFAULT_MODEL, "ONNX model to serve (exported by `digits export`)")
     host: str = _setting("127.0.0.1", "address to bind the gRPC (and HTTP) ports on; 0.0.0.0 in containers")
-    port: int = _setting(50051, "gRPC port (DigitRecognizer, Open Inference Protocol, health, reflection); 0 picks a free one")
+    port: int = _setting(50051, "gRPC port (DigitRecognizer, Open Inference Protocol, health, reflection); "
+                                "0 picks a free one")
     metrics_port: int = _setting(8002, "Prometheus /metrics HTTP port; 0 disables")
-    http_port: int = _setting(0, "HTTP/REST port (Open Inference Protocol REST, /v1/recognize, draw-a-digit page); 0 disables")
+    http_port: int = _setting(0, "HTTP/REST port (Open Inference Protocol REST, /v1/recognize, draw-a-digit page); "
+                                 "0 disables")
     device: str = _setting("auto", "execution provider: auto (CUDA if onnxruntime offers it, else CPU), cpu, cuda",
                            ("auto", "cpu", "cuda"))
-    threads: int = _setting(0, "onnxruntime intra-op threads; 0 = the CPUs available to this process (cgroup/affinity aware)")
+    threads: int = _setting(0, "onnxruntime intra-op threads; 0 = the CPUs available to this process "
+                               "(cgroup quota and affinity aware)")
     max_batch_size: int = _setting(64, "most images coalesced into one session.run; 1 turns dynamic batching off")
     max_batch_delay_ms: float = _setting(2.0, "longest a queued image waits for company before its batch runs")
-    max_queue: int = _setting(2048, "most images waiting for inference; beyond it requests get RESOURCE_EXHAUSTED at once")
+    max_queue: int = _setting(2048, "most images waiting for inference; beyond it requests get "
+                                    "RESOURCE_EXHAUSTED at once")
     max_images_per_request: int = _setting(256, "most images in one request (INVALID_ARGUMENT beyond)")
     max_message_bytes: int = _setting(16 * 1024 * 1024, "largest gRPC message accepted (RESOURCE_EXHAUSTED beyond)")
     max_image_pixels: int = _setting(25_000_000, "largest decoded image in pixels (decompression-bomb guard)")

@@ -23,7 +23,7 @@ FIT = 20
 INK_THRESHOLD = 0.2  # of the brightest ink pixel: what counts as ink when cropping
 MIN_CONTRAST = 8  # grey levels between background and ink below which an image is blank
 
-DTYPES = {"uint8": np.dtype(np.uint8), "float32": np.dtype("<f4")}
+DTYPES: dict[str, np.dtype] = {"uint8": np.dtype(np.uint8), "float32": np.dtype("<f4")}
 
 
 class ImageError(ValueError):
@@ -143,10 +143,8 @@ def mnist_recipe(gray: np.ndarray, side: int = 28) -> np.ndarray:
     """
     border = np.concatenate((gray[0], gray[-1], gray[:, 0], gray[:, -1]))
     background = int(np.median(border))
-    if background > 127:
-        ink = background - gray.astype(np.int16)
-    else:
-        ink = gray.astype(np.int16) - background
+    # Dark ink on a light page (paper, canvas) is inverted so ink is bright, as in MNIST.
+    ink = background - gray.astype(np.int16) if background > 127 else gray.astype(np.int16) - background
     peak = int(ink.max())
     out = np.zeros((side, side), dtype=np.uint8)
     if peak < MIN_CONTRAST:
@@ -163,6 +161,10 @@ def mnist_recipe(gray: np.ndarray, side: int = 28) -> np.ndarray:
     if (new_w, new_h) != (width, height):
         resample = Image.Resampling.BOX if scale < 1 else Image.Resampling.BILINEAR
         crop = np.asarray(Image.fromarray(crop).resize((new_w, new_h), resample=resample))
+        # Downscaling averages thin strokes into grey; MNIST strokes peak at full intensity.
+        top_value = int(crop.max())
+        if 0 < top_value < 255:
+            crop = (crop.astype(np.uint16) * 255 // top_value).astype(np.uint8)
     total = float(crop.sum())
     if total <= 0:
         return out

@@ -8,6 +8,7 @@ gives in-flight ones `grace_period_s` to finish, then the batcher drains and the
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import time
@@ -146,10 +147,8 @@ class DigitsServer:
     async def _reload(self) -> None:
         if self.recognizer is None:
             return
-        try:
+        with contextlib.suppress(ModelLoadError):  # logged by the recognizer; the old model keeps serving
             await self.recognizer.reload()
-        except ModelLoadError:
-            pass  # logged by the recognizer; the old model keeps serving
 
 
 async def serve(config: ServerConfig) -> int:

@@ -15,7 +15,15 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from service.client import DigitsClient
-from service.model import CPU, CUDA, ModelLoadError, available_cpus, cgroup_cpu_quota, choose_providers, load_model
+from service.model import (
+    CPU,
+    CUDA,
+    ModelLoadError,
+    available_cpus,
+    cgroup_cpu_quota,
+    choose_providers,
+    load_model,
+)
 from tests.harness import SHIPPED_MODEL, ServerThread, fixture_digits, free_port, wait_until
 
 DIGIT = fixture_digits()[0][0]
@@ -26,7 +34,7 @@ def test_provider_choice() -> None:
     assert choose_providers("auto", [CUDA, CPU]) == [CUDA, CPU]
     assert choose_providers("cpu", [CUDA, CPU]) == [CPU]
     assert choose_providers("cuda", ["TensorrtExecutionProvider", CUDA, CPU]) == [CUDA, CPU]
-    with pytest.raises(ModelLoadError, match="no CUDAExecutionProvider.*onnxruntime-gpu"):
+    with pytest.raises(ModelLoadError, match=r"no CUDAExecutionProvider.*onnxruntime-gpu"):
         choose_providers("cuda", [CPU])
 
 
@@ -129,7 +137,8 @@ def test_shutdown_drains_in_flight_requests_and_refuses_new_ones() -> None:
 
 def test_sigterm_exits_zero_after_serving(tmp_path: Path) -> None:
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--model", str(SHIPPED_MODEL), "--port", str(port),
+    proc = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--model", str(SHIPPED_MODEL),
+                             "--port", str(port),
                              "--metrics-port", "0", "--log-format", "json"],
                             stderr=subprocess.PIPE, text=True)
     try:

@@ -42,7 +42,7 @@ def reference_probabilities(images: np.ndarray) -> np.ndarray:
 
 
 def test_raw_digits_match_in_process_onnxruntime(stub, digits) -> None:
-    images, labels = digits
+    images, _ = digits
     request = digits_pb2.RecognizeRequest(images=[to_image(img) for img in images[:64]])
     reply = stub.Recognize(request, timeout=30)
     assert len(reply.predictions) == 64

@@ -135,7 +135,7 @@ def train_epoch(
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        loss_sum += float(loss) * target.shape[0]
+        loss_sum += float(loss.detach()) * target.shape[0]
         correct += int((logits.argmax(1) == target).sum())
         seen += target.shape[0]
         bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.4f}")
