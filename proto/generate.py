@@ -18,6 +18,10 @@ from pathlib import Path
 PROTO_ROOT = Path(__file__).resolve().parent
 DEFAULT_OUT = PROTO_ROOT.parent / "service" / "gen"
 PACKAGE = "service.gen"
+# Protos whose symbols other libraries also put in protobuf's default descriptor pool (tritonclient and
+# kserve ship their own `inference.*` stubs); a process cannot import two files defining one symbol into
+# one pool, so these stubs get a pool of their own and both can be used side by side.
+PRIVATE_POOL_PACKAGES = ("inference",)
 
 
 def proto_files() -> list[Path]:
@@ -49,6 +53,9 @@ def generate(out: Path) -> list[Path]:
         text = path.read_text()
         for pkg in top_level:
             text = re.sub(rf"^from {pkg}(\.| import)", rf"from {PACKAGE}.{pkg}\1", text, flags=re.M)
+        if path.name.endswith("_pb2.py") and path.relative_to(out).parts[0] in PRIVATE_POOL_PACKAGES:
+            text = text.replace("_descriptor_pool.Default().AddSerializedFile(",
+                                "_descriptor_pool.DescriptorPool().AddSerializedFile(")
         path.write_text(text)
         written.append(path)
     packages = {out}

@@ -88,3 +88,9 @@ def test_metadata_round_trip_and_refusals() -> None:
     incomplete = {k: v for k, v in props.items() if k != "labels"}
     with pytest.raises(MetadataError, match="missing labels"):
         ModelMetadata.from_props(incomplete)
+
+
+def test_readme_documents_every_setting() -> None:
+    readme = (ROOT / "README.md").read_text()
+    missing = [env_name(name) for name in ServerConfig().summary() if f"`{env_name(name)}`" not in readme]
+    assert not missing, f"README's settings table lacks {missing}"
