@@ -8,7 +8,7 @@ PIP := $(BIN)/python -m pip install --disable-pip-version-check -q
 SERVE_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: help serve test lint typecheck unit train evaluate proto bench fuzz clean
+.PHONY: help serve test lint typecheck unit train evaluate proto bench fuzz clean browser-deps prometheus-deps
 
 help:
 	@echo "make serve    install the server into $(VENV) and serve models/lenet5.onnx (SERVE_ARGS=...)"
@@ -36,7 +36,32 @@ lint: $(VENV)/.dev-installed
 	$(BIN)/ruff check service training tests proto
 	$(BIN)/mypy service training
 
-unit: $(VENV)/.dev-installed
+# tests/test_browser.py drives Debian's chromium through chromium-driver: install them where we can
+# (root and apt-get), never failing where we cannot; the browser test then skips and says why.
+BROWSER_PACKAGES := chromium chromium-driver
+APT_INSTALL := DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $(BROWSER_PACKAGES)
+browser-deps:
+	@if command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "installing $(BROWSER_PACKAGES) for the browser test"; \
+	  $(APT_INSTALL) >/dev/null 2>&1 || { apt-get update -q >/dev/null 2>&1 && $(APT_INSTALL) >/dev/null 2>&1; } || \
+	  echo "could not install $(BROWSER_PACKAGES); the browser test will skip"; \
+	else echo "chromium is not installed and apt-get needs root here; the browser test will skip"; fi
+
+# promtool (and prometheus) validate deploy/prometheus and run the dashboard queries in
+# tests/test_prometheus_grafana.py; Debian's `prometheus` package has both. Same rules as above:
+# installed where we are root with apt-get, never failing; without them those checks skip. (On a host
+# running systemd the package also enables a prometheus service on :9090; containers have none.)
+PROMETHEUS_INSTALL := DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus
+prometheus-deps:
+	@if command -v promtool >/dev/null 2>&1 && command -v prometheus >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "installing prometheus (promtool) for the deploy/prometheus checks"; \
+	  $(PROMETHEUS_INSTALL) >/dev/null 2>&1 || { apt-get update -q >/dev/null 2>&1 && $(PROMETHEUS_INSTALL) >/dev/null 2>&1; } || \
+	  echo "could not install prometheus; promtool checks will skip (structural checks still run)"; \
+	else echo "promtool is not installed and apt-get needs root here; promtool checks will skip"; fi
+
+unit: $(VENV)/.dev-installed browser-deps prometheus-deps
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 test: lint unit

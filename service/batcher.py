@@ -163,10 +163,12 @@ class DynamicBatcher:
                 break
             self._queue.popleft()
             self._queued_images -= item.size
-            if item.future.done():  # the caller went away (cancelled); don't spend inference on it
-                self._metrics.rejected.labels(reason="cancelled").inc()
+            expired = item.deadline is not None and now >= item.deadline
+            if item.future.done():  # the caller went away; don't spend inference on it
+                # gRPC cancels a call whose deadline passed before we get here: that is a deadline too.
+                self._metrics.rejected.labels(reason="deadline" if expired else "cancelled").inc()
                 continue
-            if item.deadline is not None and now >= item.deadline:
+            if expired:
                 self._metrics.rejected.labels(reason="deadline").inc()
                 item.future.set_exception(DeadlineExpiredError(
                     f"deadline expired after {now - item.enqueued:.3f} s in the batch queue"))

@@ -31,6 +31,11 @@ class TlsOptions:
     key: Path | None = None
     server_name: str | None = None  # override the name checked against the certificate
 
+    def __post_init__(self) -> None:
+        # One without the other would fail later, at the handshake, with a far less helpful message.
+        if (self.cert is None) != (self.key is None):
+            raise ValueError("a client certificate (--cert) and its key (--key) go together: give both or neither")
+
     def credentials(self) -> grpc.ChannelCredentials:
         return grpc.ssl_channel_credentials(
             root_certificates=self.ca.read_bytes() if self.ca else None,

@@ -25,11 +25,14 @@ def _add_tls_client_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def tls_from_args(args: argparse.Namespace) -> Any:
-    """TlsOptions from the client flags, or None for plaintext."""
+    """TlsOptions from the client flags, or None for plaintext; ValueError names a bad flag."""
     from service.client import TlsOptions
 
-    if not (args.tls or args.ca or args.cert):
+    if not (args.tls or args.ca or args.cert or args.key):
         return None
+    for flag, path in (("--ca", args.ca), ("--cert", args.cert), ("--key", args.key)):
+        if path is not None and not path.is_file():
+            raise ValueError(f"{flag} {path}: no such file")
     return TlsOptions(ca=args.ca, cert=args.cert, key=args.key, server_name=args.server_name)
 
 
@@ -81,7 +84,12 @@ def run_predict(args: argparse.Namespace) -> int:
         print(f"digits predict: no such file: {', '.join(missing)}", file=sys.stderr)
         return 2
     try:
-        with DigitsClient(args.server, tls=tls_from_args(args), timeout=args.timeout) as client:
+        tls = tls_from_args(args)
+    except ValueError as exc:
+        print(f"digits predict: {exc}", file=sys.stderr)
+        return 2
+    try:
+        with DigitsClient(args.server, tls=tls, timeout=args.timeout) as client:
             reply = client.recognize_files(args.files)
     except grpc.RpcError as exc:
         print(f"digits predict: {exc.code().name}: {exc.details()}", file=sys.stderr)
@@ -116,7 +124,12 @@ def run_health(args: argparse.Namespace) -> int:
     from service.client import DigitsClient
 
     try:
-        with DigitsClient(args.server, tls=tls_from_args(args), timeout=args.timeout) as client:
+        tls = tls_from_args(args)
+    except ValueError as exc:
+        print(f"digits health: {exc}", file=sys.stderr)
+        return 2
+    try:
+        with DigitsClient(args.server, tls=tls, timeout=args.timeout) as client:
             status = client.health(args.service)
     except grpc.RpcError as exc:
         print(f"{args.server}: {exc.code().name}: {exc.details()}", file=sys.stderr)
@@ -125,4 +138,14 @@ def run_health(args: argparse.Namespace) -> int:
     return 0 if status == "SERVING" else 1
 
 
-REGISTRARS: list[Callable[[Subparsers], None]] = [register_serve, register_predict, register_health]
+def register_performance(subparsers: Subparsers) -> None:
+    """`digits loadtest` and `digits bench` (service/perf_commands.py; imported here, late, because that
+    module reuses this one's TLS flags)."""
+    from service.perf_commands import register_bench, register_loadtest
+
+    register_loadtest(subparsers)
+    register_bench(subparsers)
+
+
+REGISTRARS: list[Callable[[Subparsers], None]] = [register_serve, register_predict, register_health,
+                                                   register_performance]

@@ -50,11 +50,14 @@ class ServerConfig:
     low_confidence: float = _setting(0.6, "predictions below this confidence count as low-confidence (drift signal)")
     workers: int = _setting(1, "server processes sharing the port (SO_REUSEPORT)")
     watch: bool = _setting(False, "reload the model when its file changes (SIGHUP always reloads)")
+    watch_interval_s: float = _setting(1.0, "how often --watch checks the model file (size, mtime, inode)")
     tls_cert: Path | None = _setting(None, "PEM certificate chain for TLS on the gRPC port")
     tls_key: Path | None = _setting(None, "PEM private key for --tls-cert")
     tls_client_ca: Path | None = _setting(None, "PEM CA bundle: require client certificates signed by it (mutual TLS)")
     log_format: str = _setting("text", "log format", ("text", "json"))
     log_level: str = _setting("info", "log level", ("debug", "info", "warning", "error"))
+    summary_interval_s: float = _setting(60.0, "seconds between summary log lines (requests, errors, batching); "
+                                               "0 disables them (a shutdown summary is always logged)")
 
     def __post_init__(self) -> None:
         problems = []
@@ -70,6 +73,10 @@ class ServerConfig:
             problems.append("threads must be >= 0")
         if self.workers < 1:
             problems.append("workers must be >= 1")
+        if not self.watch_interval_s > 0:
+            problems.append("watch-interval-s must be > 0")
+        if self.summary_interval_s < 0:
+            problems.append("summary-interval-s must be >= 0")
         if (self.tls_cert is None) != (self.tls_key is None):
             problems.append("tls-cert and tls-key must be given together")
         if self.tls_client_ca is not None and self.tls_cert is None:

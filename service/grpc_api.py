@@ -55,6 +55,11 @@ def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
     return None if remaining is None else time.monotonic() + remaining
 
 
+# gRPC cancels a handler when its deadline passes; a cancellation this close to (or after) the
+# deadline we computed from time_remaining() is that expiry, not the client hanging up.
+DEADLINE_SLACK_S = 0.005
+
+
 class RequestTracker:
     """Counts one answered request: status code, latency, in-flight gauge, failure log line."""
 
@@ -63,22 +68,26 @@ class RequestTracker:
         self._rpc = rpc
 
     @contextlib.contextmanager
-    def track(self, peer: str = "") -> Iterator[dict[str, str]]:
-        """Yields a dict; the body sets ``outcome["code"]`` (default OK, CANCELLED on cancellation)."""
+    def track(self, peer: str = "", deadline: float | None = None) -> Iterator[dict[str, str]]:
+        """Yields a dict; the body sets ``outcome["code"]`` (default OK; on cancellation CANCELLED, or
+        DEADLINE_EXCEEDED when `deadline`, a time.monotonic() value, has passed)."""
         outcome = {"code": "OK"}
         started = time.perf_counter()
         self._metrics.inflight.inc()
         try:
             yield outcome
         except asyncio.CancelledError:
-            outcome["code"] = "CANCELLED"
+            expired = deadline is not None and time.monotonic() >= deadline - DEADLINE_SLACK_S
+            outcome["code"] = "DEADLINE_EXCEEDED" if expired else "CANCELLED"
+            outcome.setdefault("reason", "deadline expired" if expired else "cancelled by the client")
             raise
         except RecognizeError as exc:
             outcome["code"] = exc.code
             raise
-        except Exception:
+        except Exception as exc:
             if outcome["code"] == "OK":
                 outcome["code"] = "INTERNAL"
+                outcome.setdefault("reason", type(exc).__name__)
             raise
         finally:
             self._metrics.inflight.dec()
@@ -102,10 +111,11 @@ class DigitRecognizerServicer(digits_pb2_grpc.DigitRecognizerServicer):
                         context: grpc.aio.ServicerContext) -> digits_pb2.RecognizeResponse:
         self._metrics.images.labels(rpc="Recognize").inc(len(request.images))
         error: RecognizeError | None = None
-        with self._unary.track(context.peer()) as outcome:
+        deadline = deadline_of(context)
+        with self._unary.track(context.peer(), deadline) as outcome:
             try:
                 payloads = [to_payload(image, i) for i, image in enumerate(request.images)]
-                recognition = await self._recognizer.recognize(payloads, deadline_of(context))
+                recognition = await self._recognizer.recognize(payloads, deadline)
             except RecognizeError as exc:
                 outcome["code"], outcome["reason"] = exc.code, exc.message
                 error = exc
@@ -159,7 +169,7 @@ class DigitRecognizerServicer(digits_pb2_grpc.DigitRecognizerServicer):
 
     async def _one(self, message: digits_pb2.StreamRequest, deadline: float | None,
                    peer: str) -> digits_pb2.StreamResponse:
-        with self._stream.track(peer) as outcome:
+        with self._stream.track(peer, deadline) as outcome:
             try:
                 if not message.HasField("image"):
                     raise RecognizeError("INVALID_ARGUMENT", f"stream message {message.id!r} has no image")

@@ -149,6 +149,11 @@ class Recognizer:
             raise RecognizeError("DEADLINE_EXCEEDED", str(exc)) from exc
         except BatcherClosedError as exc:
             raise RecognizeError("UNAVAILABLE", str(exc)) from exc
+        except Exception as exc:  # session.run failed; the batcher logged the traceback
+            # A RecognizeError, not a bare exception: the caller gets INTERNAL and the metrics agree,
+            # instead of gRPC's UNKNOWN for an unhandled handler exception.
+            raise RecognizeError("INTERNAL",
+                                 f"inference failed ({type(exc).__name__}); see the server log") from exc
         recognition = Recognition(result.logits, result.probabilities, result.model)
         self._count_predictions(recognition)
         return recognition
@@ -173,17 +178,26 @@ class Recognizer:
                 new = await asyncio.to_thread(load_model, target, self._config.device, self._config.threads,
                                               self._config.max_batch_size)
                 old = self._model
+                # Requests preprocessed for the old model (size, ink polarity) may run on the new one
+                # during the swap, so those must match as well as the labels.
                 if (new.metadata.input_shape != old.metadata.input_shape
-                        or new.metadata.labels != old.metadata.labels):
+                        or new.metadata.labels != old.metadata.labels
+                        or new.metadata.ink_polarity != old.metadata.ink_polarity):
                     raise ModelLoadError(
                         f"model {target} is incompatible with the one being served: input "
-                        f"{list(new.metadata.input_shape)} labels {len(new.metadata.labels)} vs "
-                        f"{list(old.metadata.input_shape)} labels {len(old.metadata.labels)}")
-            except ModelLoadError as exc:
+                        f"{list(new.metadata.input_shape)} labels {len(new.metadata.labels)} "
+                        f"{new.metadata.ink_polarity} vs {list(old.metadata.input_shape)} labels "
+                        f"{len(old.metadata.labels)} {old.metadata.ink_polarity}")
+            except Exception as exc:  # ModelLoadError, or onnxruntime's own error from a failing warm-up run
+                error = exc if isinstance(exc, ModelLoadError) else ModelLoadError(
+                    f"cannot load model {target}: {type(exc).__name__}: "
+                    f"{(str(exc).strip().splitlines() or [''])[0][:300]}")
                 self._metrics.model_reloads.labels(result="failed").inc()
                 log.error("model reload refused, still serving %s %s: %s", self._model.name,
-                          self._model.version, exc)
-                raise
+                          self._model.version, error)
+                if error is exc:
+                    raise
+                raise error from exc
             self._model = new
             self._metrics.set_model(new.name, new.version, new.sha256, new.provider, new.load_seconds)
             self._metrics.model_reloads.labels(result="success").inc()

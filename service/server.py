@@ -11,7 +11,9 @@ import asyncio
 import contextlib
 import logging
 import signal
+import ssl
 import time
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -19,13 +21,15 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
-from service import grpc_api
+from service import grpc_api, http_api, v2_api
 from service.config import ServerConfig
 from service.gen.digits.v1 import digits_pb2
 from service.logs import fields
 from service.metrics import Metrics
 from service.model import ModelLoadError, available_cpus, load_model
 from service.recognizer import Recognizer
+from service.summary import SummaryLogger
+from service.watcher import ModelFileWatcher
 
 log = logging.getLogger(__name__)
 
@@ -48,9 +52,15 @@ class DigitsServer:
         self._health = health.aio.HealthServicer()
         self._metrics_http: Any = None
         self.recognizer: Recognizer | None = None
+        self._summary: SummaryLogger | None = None
+        self._watcher: ModelFileWatcher | None = None
+        self._reloads: set[asyncio.Task[None]] = set()  # SIGHUP reloads in progress (keep a reference)
         self.port = 0
         self.metrics_port = 0
-        self._service_names: list[str] = [DIGITS_SERVICE]
+        self.http_port = 0
+        self._http: http_api.HttpApi | None = None
+        self._service_names: list[str] = [DIGITS_SERVICE, v2_api.SERVICE_NAME]
+        self._ready = False  # SERVING: between a finished start() and the beginning of stop()
 
     async def start(self) -> None:
         """Load the model, bind ports and report SERVING; raises StartupError on failure."""
@@ -60,17 +70,24 @@ class DigitsServer:
                                             self._available)
         except ModelLoadError as exc:
             raise StartupError(str(exc)) from exc
+        except Exception as exc:  # a graph that loads but fails to run (onnxruntime's own error types)
+            raise StartupError(f"cannot load model {cfg.model}: {type(exc).__name__}: "
+                               f"{(str(exc).strip().splitlines() or [''])[0][:300]}") from exc
         self.recognizer = Recognizer(model, cfg, self.metrics)
         self.recognizer.start()
         server = grpc.aio.server(options=self._grpc_options())
         grpc_api.add_to_server(grpc_api.DigitRecognizerServicer(self.recognizer, self.metrics), server)
+        v2_api.add_to_server(v2_api.InferenceServicer(self.recognizer, self.metrics, lambda: self.ready), server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
             [*self._service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-             reflection.SERVICE_NAME], server)
+             reflection.SERVICE_NAME], server, pool=v2_api.ReflectionPool())
         address = f"{cfg.host}:{cfg.port}"
         try:
             self.port = self._bind(server, address)
+        except StartupError:
+            await self.recognizer.close()
+            raise
         except RuntimeError as exc:
             await self.recognizer.close()
             raise StartupError(f"cannot listen on {address}: {exc} (is the port already in use?)") from exc
@@ -84,14 +101,35 @@ class DigitsServer:
                 await self.stop(grace=0)
                 raise StartupError(f"cannot serve metrics on {cfg.host}:{cfg.metrics_port}: {exc}") from exc
             self.metrics_port = self._metrics_http.server_port
+        if cfg.http_port:
+            self._http = http_api.HttpApi(self.recognizer, self.metrics, lambda: self.ready)
+            try:
+                self.http_port = await self._http.start(cfg.host, cfg.http_port)
+            except OSError as exc:
+                self._http = None
+                await self.stop(grace=0)
+                raise StartupError(f"cannot serve HTTP on {cfg.host}:{cfg.http_port}: {exc}") from exc
         for name in ("", *self._service_names):
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self._ready = True
         log.info("serving", extra=fields(
             model=str(model.path), name=model.name, version=model.version, sha256=model.sha256,
             providers=list(model.providers), threads=cfg.threads or available_cpus(),
             max_batch_size=cfg.max_batch_size, max_batch_delay_ms=cfg.max_batch_delay_ms,
             max_queue=cfg.max_queue, grpc=f"{cfg.host}:{self.port}", tls=cfg.tls_cert is not None,
-            metrics_port=self.metrics_port or None, load_seconds=round(model.load_seconds, 3)))
+            metrics_port=self.metrics_port or None, load_seconds=round(model.load_seconds, 3),
+            http_port=self.http_port or None,
+            low_confidence=cfg.low_confidence, summary_interval_s=cfg.summary_interval_s))
+        self._summary = SummaryLogger(self.metrics, cfg.summary_interval_s)
+        self._summary.start()
+        if cfg.watch:
+            self._watcher = ModelFileWatcher(cfg.model, lambda: self._reload(cfg.model), cfg.watch_interval_s)
+            self._watcher.start()
+
+    @property
+    def ready(self) -> bool:
+        """Serving requests: started and not stopping (the v2 readiness APIs report this)."""
+        return self._ready
 
     def _grpc_options(self) -> list[tuple[str, Any]]:
         cfg = self.config
@@ -114,6 +152,7 @@ class DigitsServer:
             client_ca = cfg.tls_client_ca.read_bytes() if cfg.tls_client_ca else None
         except OSError as exc:
             raise StartupError(f"cannot read TLS files: {exc}") from exc
+        _check_tls_files(cfg)
         credentials = grpc.ssl_server_credentials(
             [(key, chain)], root_certificates=client_ca, require_client_auth=client_ca is not None)
         return server.add_secure_port(address, credentials)
@@ -122,11 +161,19 @@ class DigitsServer:
         """Drain and stop: NOT_SERVING, refuse new calls, let in-flight ones finish within `grace`."""
         grace = self.config.grace_period_s if grace is None else grace
         started = time.monotonic()
+        self._ready = False
+        if self._watcher is not None:
+            await self._watcher.stop()
+            self._watcher = None
         await self._health.enter_graceful_shutdown()
-        if self._grpc is not None:
-            await self._grpc.stop(grace)
+        # gRPC and HTTP drain side by side, both before the batcher closes.
+        await asyncio.gather(*[s.stop(grace) for s in (self._grpc, self._http) if s is not None])
+        self._http = None
         if self.recognizer is not None:
             await self.recognizer.close()
+        if self._summary is not None:  # after the drain, so the drained requests are in it
+            await self._summary.stop()
+            self._summary = None
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
             self._metrics_http.server_close()
@@ -139,16 +186,40 @@ class DigitsServer:
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self._reload()))
+        loop.add_signal_handler(signal.SIGHUP, self._reload_in_background)
         await stop.wait()
         log.info("shutdown signal received; draining", extra=fields(grace_seconds=self.config.grace_period_s))
         await self.stop()
 
-    async def _reload(self) -> None:
+    def _reload_in_background(self) -> None:
+        log.info("SIGHUP received; reloading the model")
+        task = asyncio.get_running_loop().create_task(self._reload(), name="reload")
+        self._reloads.add(task)
+        task.add_done_callback(self._reloads.discard)
+
+    async def _reload(self, path: Path | None = None) -> None:
         if self.recognizer is None:
             return
         with contextlib.suppress(ModelLoadError):  # logged by the recognizer; the old model keeps serving
-            await self.recognizer.reload()
+            await self.recognizer.reload(path)
+
+
+def _check_tls_files(cfg: ServerConfig) -> None:
+    """Refuse unusable TLS files with a message naming them: gRPC itself only says "Failed to bind"."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        # The password callback makes an encrypted key fail here instead of prompting on the terminal;
+        # gRPC cannot use encrypted keys either.
+        context.load_cert_chain(str(cfg.tls_cert), str(cfg.tls_key), password=lambda: b"")
+    except (ssl.SSLError, ValueError) as exc:
+        raise StartupError(
+            f"--tls-cert {cfg.tls_cert} and --tls-key {cfg.tls_key} are not a PEM certificate chain and its "
+            f"matching unencrypted private key ({exc})") from exc
+    if cfg.tls_client_ca is not None:
+        try:
+            context.load_verify_locations(cafile=str(cfg.tls_client_ca))
+        except (ssl.SSLError, ValueError) as exc:
+            raise StartupError(f"--tls-client-ca {cfg.tls_client_ca} holds no PEM CA certificate ({exc})") from exc
 
 
 async def serve(config: ServerConfig) -> int:

@@ -38,9 +38,7 @@ def make_digits(count: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     return images, labels
 
 
-def write_pair(
-    directory: Path, split: str, count: int = 20, gz: bool = True
-) -> tuple[np.ndarray, np.ndarray]:
+def write_pair(directory: Path, split: str, count: int = 20, gz: bool = True) -> tuple[np.ndarray, np.ndarray]:
     images, labels = make_digits(count)
     prefix = "train" if split == "train" else "t10k"
     suffix = ".gz" if gz else ""
@@ -53,9 +51,7 @@ def write_pair(
 
 
 @pytest.mark.parametrize("name", ["data-idx3-ubyte", "data-idx3-ubyte.gz"])
-@pytest.mark.parametrize(
-    "dtype", [np.uint8, np.int8, np.dtype(">i2"), np.int32, np.float32, np.float64], ids=str
-)
+@pytest.mark.parametrize("dtype", [np.uint8, np.int8, np.dtype(">i2"), np.int32, np.float32, np.float64], ids=str)
 def test_idx_round_trip(tmp_path: Path, name: str, dtype: np.dtype) -> None:
     array = (np.arange(2 * 3 * 4) - 5).astype(dtype).reshape(2, 3, 4)
     path = write_idx(tmp_path / name, array)
@@ -67,9 +63,7 @@ def test_idx_round_trip(tmp_path: Path, name: str, dtype: np.dtype) -> None:
 
 @settings(max_examples=25, deadline=None)
 @given(hnp.arrays(np.uint8, hnp.array_shapes(min_dims=1, max_dims=4, min_side=0, max_side=6)), st.booleans())
-def test_idx_round_trip_any_shape(
-    tmp_path_factory: pytest.TempPathFactory, array: np.ndarray, gz: bool
-) -> None:
+def test_idx_round_trip_any_shape(tmp_path_factory: pytest.TempPathFactory, array: np.ndarray, gz: bool) -> None:
     path = tmp_path_factory.mktemp("idx") / ("a.gz" if gz else "a")
     np.testing.assert_array_equal(read_idx(write_idx(path, array)), array)
 

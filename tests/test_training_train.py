@@ -70,7 +70,7 @@ def test_same_seed_same_weights(tmp_path: Path, mnist_small_dir: Path) -> None:
     first = train(config(mnist_small_dir, tmp_path / "a"), log=quiet)
     second = train(config(mnist_small_dir, tmp_path / "b"), log=quiet)
     assert_same_weights(first.last_checkpoint, second.last_checkpoint)
-    assert first.history == [dict(r, seconds=s["seconds"]) for r, s in zip(second.history, first.history)]
+    assert first.history == [dict(r, seconds=s["seconds"]) for r, s in zip(second.history, first.history, strict=True)]
     other = train(config(mnist_small_dir, tmp_path / "c", seed=12), log=quiet)
     assert not torch.equal(
         weights(other.last_checkpoint)["classifier.5.bias"],
@@ -111,9 +111,7 @@ def test_holdout_written_without_t10k(tmp_path: Path, mnist_small_dir: Path) -> 
     heldout = load_split(tmp_path / "run" / "heldout", "test")
     assert len(heldout) == 60
     indices = json.loads((tmp_path / "run" / "heldout" / "indices.json").read_text())
-    assert len(indices["test_indices"]) == 60 and not set(indices["test_indices"]) & set(
-        indices["validation_indices"]
-    )
+    assert len(indices["test_indices"]) == 60 and not set(indices["test_indices"]) & set(indices["validation_indices"])
     assert 0.0 <= result.test_acc <= 1.0
 
 

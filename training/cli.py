@@ -279,7 +279,7 @@ def register(subparsers: Any) -> None:
     export.add_argument("--out", default=DEFAULT_MODEL, help=f"ONNX file to write (default {DEFAULT_MODEL})")
     export.add_argument("--version", default="1.0.0", help="model version written into the metadata")
     export.add_argument(
-        "--data-dir", help="take the 256 parity digits from here (default: from the checkpoint)"
+        "--data-dir", help="take the 256 parity digits from here (default: those stored in the checkpoint)"
     )
     export.set_defaults(func=_guarded("export", _export))
 

@@ -227,7 +227,7 @@ def export_checkpoint(
 ) -> ExportResult:
     """Export a `digits train` checkpoint to `out`, verify it on real digits and write the model card.
 
-    `parity_pixels` (uint8 [N, 28, 28]) default to the 256 validation digits stored in the checkpoint.
+    `parity_pixels` (uint8 [N, 28, 28]) default to the 256 real digits stored in the checkpoint.
     """
     checkpoint = load_checkpoint(checkpoint_path)
     model = LeNet5()

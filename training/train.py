@@ -232,7 +232,8 @@ def train(config: TrainConfig, log: Callable[[str], None] = print) -> TrainResul
     # The log mirrors the history: rewrite it so a resumed run has no duplicated or stale epochs.
     metrics_path.write_text("".join(json.dumps(r) + "\n" for r in history))
 
-    parity = torch.from_numpy(splits.val.images[:PARITY_DIGITS].copy())
+    # Real digits for the export's ONNX-vs-PyTorch check, kept in the checkpoint so export needs no data.
+    parity = torch.from_numpy(np.concatenate([splits.val.images, splits.train.images])[:PARITY_DIGITS])
     started = time.perf_counter()
     for epoch in range(start_epoch, config.epochs + 1):
         lr = learning_rate(config, epoch)

@@ -1,0 +1,1 @@
+"""Fuzzing: seed images shared by the hypothesis tests and the atheris harness."""
