@@ -130,6 +130,9 @@ def load_model(path: Path, device: str = "auto", threads: int = 0, warmup_batch:
     # One batch at a time reaches the session (the batcher serialises), so inter-op threads only add
     # contention on small machines.
     options.inter_op_num_threads = 1
+    # Idle intra-op threads would spin (busy-wait) for the next run; on a server that is a core burnt
+    # that the event loop and gRPC need: 2-3x the CPU per image under load (docs/benchmarks.md).
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3

@@ -23,7 +23,7 @@ from service.batcher import (
 from service.config import ServerConfig
 from service.metrics import DIGITS, Metrics
 from service.model import LoadedModel, ModelLoadError, load_model
-from service.preprocess import ImageError, Payload, to_pixels
+from service.preprocess import ImageError, Payload, to_pixel_batch
 
 log = logging.getLogger(__name__)
 
@@ -107,16 +107,11 @@ class Recognizer:
         """
         self.check_count(len(payloads))
         meta = self._model.metadata
-        arrays = []
-        for index, payload in enumerate(payloads):
-            try:
-                arrays.append(to_pixels(payload, side=meta.width, max_pixels=self._config.max_image_pixels,
-                                        ink_polarity=meta.ink_polarity))
-            except ImageError as exc:
-                raise RecognizeError(exc.code, f"image {index}: {exc}") from exc
-        if len({a.dtype for a in arrays}) > 1:  # mixed uint8 and float32 raw pixels: one scale for all
-            arrays = [a.astype(np.float32) / 255.0 if a.dtype == np.uint8 else a for a in arrays]
-        return np.stack(arrays)
+        try:
+            return to_pixel_batch(payloads, side=meta.width, max_pixels=self._config.max_image_pixels,
+                                  ink_polarity=meta.ink_polarity)
+        except ImageError as exc:
+            raise RecognizeError(exc.code, f"image {exc.index}: {exc}") from exc
 
     async def recognize(self, payloads: Sequence[Payload], deadline: float | None = None) -> Recognition:
         """Recognize encoded images and/or raw pixels. `deadline` is a time.monotonic() value."""

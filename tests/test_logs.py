@@ -8,6 +8,7 @@ import base64
 import io
 import json
 import logging
+import os
 import signal
 import subprocess
 import sys
@@ -49,8 +50,10 @@ class ServeProcess:
     """`digits serve` in a subprocess; its stderr lines are collected as they arrive."""
 
     def __init__(self, *args: str) -> None:
+        # Only the flags decide: DIGITS_* variables of the calling environment would change the settings.
+        env = {k: v for k, v in os.environ.items() if not k.startswith("DIGITS_")}
         self.proc = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", *args],
-                                     stderr=subprocess.PIPE, text=True)
+                                     stderr=subprocess.PIPE, text=True, env=env)
         self.lines: list[str] = []
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()

@@ -234,14 +234,14 @@ def test_full_queue_expired_deadline_and_cancellation_are_counted() -> None:
     cancelled by its caller, one fills the queue and the next is refused at once."""
     digit = to_image(fixture_digits()[0][0])
     request = digits_pb2.RecognizeRequest(images=[digit])
-    with ServerThread(metrics_port=free_port(), max_queue=3, max_batch_delay_ms=1500) as server, \
+    with ServerThread(metrics_port=free_port(), max_queue=3, max_batch_delay_ms=2000) as server, \
             grpc.insecure_channel(server.target) as channel:
         stub = digits_pb2_grpc.DigitRecognizerStub(channel)
         recognizer = server.server.recognizer
         assert recognizer is not None
         port = server.server.metrics_port
 
-        expiring = stub.Recognize.future(request, timeout=0.5)
+        expiring = stub.Recognize.future(request, timeout=0.8)
         wait_until(lambda: recognizer.queued_images == 1, what="first request queued")
         with pytest.raises(grpc.RpcError) as caught:
             expiring.result()
