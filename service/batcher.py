@@ -1,7 +1,8 @@
 """The dynamic batcher: coalesce concurrent requests into one `session.run`.
 
 Requests wait in a bounded queue (counted in images). The loop takes the oldest request, waits at
-most `max_delay_s` after its arrival for company until `max_batch_size` images are queued, then
+most `max_delay_s` after its arrival for company until `max_batch_size` images are queued (unless the
+traffic is sequential, see SEQUENTIAL_AFTER), then
 normalizes every request's pixels straight into one preallocated input array and runs it on a
 dedicated inference thread, off the event loop. Each caller gets back views on exactly its own rows
 of the output, in order. Requests cancelled by their caller or past their deadline are dropped before
@@ -25,6 +26,12 @@ from service.model import LoadedModel
 from service.preprocess import normalize
 
 log = logging.getLogger(__name__)
+
+
+# Sequential traffic (one request at a time: a client calling in a loop) never brings company, so
+# waiting for it only adds `max_delay_s` to every call. After this many batches in a row of a single
+# request each, the batcher stops waiting, until a request arrives while another is queued or running.
+SEQUENTIAL_AFTER = 8
 
 
 class QueueFullError(Exception):
@@ -80,6 +87,8 @@ class DynamicBatcher:
         # the next batch fills up while this one runs.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
         self._buffer = np.empty((0,), dtype=np.float32)
+        self._lone_batches = 0  # consecutive batches of one request (see SEQUENTIAL_AFTER)
+        self._running = False  # a batch is on the inference thread
         metrics.queue_capacity.set(max_queue)
 
     @property
@@ -107,6 +116,8 @@ class DynamicBatcher:
                 f"server busy: {self._queued_images} images queued, {count} more would exceed the queue "
                 f"limit of {self._max_queue} images (--max-queue); retry with backoff"
             )
+        if self._queue or self._running:
+            self._lone_batches = 0  # company: concurrent traffic, worth waiting for
         future: asyncio.Future[BatchResult] = asyncio.get_running_loop().create_future()
         self._queue.append(_Pending(pixels, normalized, future, deadline, time.monotonic()))
         self._queued_images += count
@@ -133,12 +144,14 @@ class DynamicBatcher:
                 continue
             await self._wait_for_company()
             batch = self._take_batch()
+            self._lone_batches = self._lone_batches + 1 if len(batch) == 1 else 0
             if batch:
                 await self._run(batch)
 
     async def _wait_for_company(self) -> None:
-        """Wait until the batch is full or the oldest request has waited `max_delay_s`."""
-        if self._max_delay <= 0 or self._closing:
+        """Wait until the batch is full or the oldest request has waited `max_delay_s` (not at all while
+        the traffic is sequential)."""
+        if self._max_delay <= 0 or self._closing or self._lone_batches >= SEQUENTIAL_AFTER:
             return
         until = self._queue[0].enqueued + self._max_delay
         while self._queued_images < self._max_batch and not self._closing:
@@ -185,6 +198,7 @@ class DynamicBatcher:
         for item in batch:
             self._metrics.queue_seconds.observe(started - item.enqueued)
         loop = asyncio.get_running_loop()
+        self._running = True
         try:
             logits, probabilities, seconds = await loop.run_in_executor(
                 self._executor, self._infer, model, batch, total)
@@ -194,6 +208,8 @@ class DynamicBatcher:
                 if not item.future.done():
                     item.future.set_exception(exc)
             return
+        finally:
+            self._running = False
         self._metrics.inference_seconds.observe(seconds)
         self._metrics.batch_size.observe(total)
         offset = 0

@@ -90,7 +90,7 @@ def test_parity_and_model_card(exported_model: Any) -> None:
 
 def test_check_parity_passes_and_fails() -> None:
     reference = np.random.default_rng(0).random((256, 10), dtype=np.float32)
-    assert check_parity(reference, reference + 5e-6) == pytest.approx(5e-6, rel=1e-3)
+    assert check_parity(reference, reference + 5e-6) == pytest.approx(5e-6, rel=0.01)
     off = reference.copy()
     off[17, 3] += 1e-3
     with pytest.raises(ExportError, match=r"differs from PyTorch by 0.001 .* on digit 17"):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +27,9 @@ def _digit(size: int = 24) -> Image.Image:
 def _encode(image: Image.Image, fmt: str, **options: object) -> bytes | None:
     out = io.BytesIO()
     try:
-        image.save(out, format=fmt, **options)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # IM: deprecated, still decoded
+            image.save(out, format=fmt, **options)
     except (OSError, ValueError, KeyError):  # a format or mode this Pillow build cannot write
         return None
     return out.getvalue()
