@@ -8,7 +8,7 @@ PIP := $(BIN)/python -m pip install --disable-pip-version-check -q
 SERVE_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: help serve test lint typecheck unit train evaluate proto bench fuzz clean browser-deps prometheus-deps
+.PHONY: help serve test lint typecheck unit train evaluate proto bench fuzz clean browser-deps prometheus-deps deploy-check
 
 help:
 	@echo "make serve    install the server into $(VENV) and serve models/lenet5.onnx (SERVE_ARGS=...)"
@@ -16,6 +16,7 @@ help:
 	@echo "make lint     ruff + mypy only"
 	@echo "make train    retrain the shipped model on ../shared/data/mnist-sample"
 	@echo "make proto    regenerate service/gen from proto/"
+	@echo "make deploy-check  lint the Dockerfile, check the compose stack and render + validate deploy/k8s"
 
 # The server's install: no torch. The stamp is redone when pyproject.toml changes.
 $(VENV)/.serve-installed: pyproject.toml
@@ -65,6 +66,10 @@ unit: $(VENV)/.dev-installed browser-deps prometheus-deps
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 test: lint unit
+
+# Dockerfile, compose stack and Kubernetes manifests (docs/deploy.md); no Docker engine or cluster needed.
+deploy-check: $(VENV)/.dev-installed
+	$(BIN)/pytest -q tests/test_deploy_docker.py tests/test_deploy_compose.py tests/test_deploy_k8s.py
 
 DATA_DIR ?= ../shared/data/mnist-sample
 train: $(VENV)/.dev-installed

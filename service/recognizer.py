@@ -58,6 +58,21 @@ class Recognition:
         return self.probabilities.max(axis=1)
 
 
+def _not_finite(model: LoadedModel, normalized: bool) -> RecognizeError:
+    """NaN or infinite output. Pixels (0..255 or 0..1) cannot cause it, so then the model is broken;
+    an already-normalized tensor can: finite values far outside what the model was trained on
+    overflow float32 inside it. That is the client's input, and the rows of other requests in the
+    same batch are unaffected."""
+    if not normalized:
+        return RecognizeError("INTERNAL", f"model {model.name} {model.version} gave NaN or infinite output")
+    norm = model.metadata.normalization
+    low, high = -norm.mean / norm.std, (255 * norm.scale - norm.mean) / norm.std
+    return RecognizeError(
+        "INVALID_ARGUMENT",
+        f"the model's output is NaN or infinite for this input: normalized inputs should lie in about "
+        f"[{low:.4f}, {high:.4f}] ((pixel/255 - {norm.mean}) / {norm.std})")
+
+
 class Recognizer:
     """Owns the served model and the batcher; validates, preprocesses and recognizes."""
 
@@ -149,6 +164,8 @@ class Recognizer:
             # instead of gRPC's UNKNOWN for an unhandled handler exception.
             raise RecognizeError("INTERNAL",
                                  f"inference failed ({type(exc).__name__}); see the server log") from exc
+        if not (np.isfinite(result.logits).all() and np.isfinite(result.probabilities).all()):
+            raise _not_finite(result.model, normalized)
         recognition = Recognition(result.logits, result.probabilities, result.model)
         self._count_predictions(recognition)
         return recognition

@@ -240,7 +240,12 @@ def v2_request(draw: st.DrawFn, model_name: str) -> object:
     typed = draw(st.booleans())
     if not typed or broken == "both":
         if right_length and datatype == "FP32":
-            data = draw(arrays(np.float32, elements, elements=st.floats(-1e6, 1e6, width=32) | FLOATS)).tobytes()
+            # Mixed values, or one value everywhere: a whole image of huge (finite) values is what
+            # overflows inside the model.
+            data = draw(st.one_of(
+                arrays(np.float32, elements, elements=st.floats(-1e6, 1e6, width=32) | FLOATS),
+                st.one_of(st.sampled_from([3e38, -3e38, 1e20, -1e20]), st.floats(width=32)).map(
+                    lambda v, n=elements: np.full(n, v, dtype=np.float32)))).tobytes()
         elif right_length:
             data = draw(st.binary(min_size=elements, max_size=elements))
         else:

@@ -33,33 +33,27 @@ def _needs_torch(command: str) -> int | None:
     return None
 
 
-def _known_errors() -> tuple[type[Exception], ...]:
-    """Errors that carry a message for the user (the rest are bugs and keep their traceback)."""
-    from service.model_metadata import MetadataError
-    from training.data import DataError
-    from training.download import DownloadError
+# Exceptions whose message is meant for the user (anything else is a bug and keeps its traceback).
+_USER_ERRORS = (
+    ("training.data", "DataError"),
+    ("service.model_metadata", "MetadataError"),
+    ("training.download", "DownloadError"),
+    ("training.evaluate", "ModelError"),
+    ("training.train", "TrainError"),
+    ("training.export", "ExportError"),
+)
 
-    errors: list[type[Exception]] = [
-        DataError,
-        MetadataError,
-        DownloadError,
-        FileNotFoundError,
-        PermissionError,
-    ]
-    try:
-        from training.evaluate import ModelError
 
-        errors.append(ModelError)
-    except ImportError:  # onnxruntime missing: the evaluate handler's own import error says so
-        pass
-    try:
-        from training.export import ExportError
-        from training.train import TrainError
-
-        errors += [ExportError, TrainError]
-    except ImportError:  # no torch: those handlers stop before raising these
-        pass
-    return tuple(errors)
+def _is_user_error(exc: Exception) -> bool:
+    # Looked up in sys.modules, not imported: a module that raised its error is loaded already, and
+    # importing training.train here would pull in torch for every command.
+    if isinstance(exc, (FileNotFoundError, PermissionError)):
+        return True
+    for module, name in _USER_ERRORS:
+        loaded = sys.modules.get(module)
+        if loaded is not None and isinstance(exc, getattr(loaded, name)):
+            return True
+    return False
 
 
 def _guarded(
@@ -68,7 +62,9 @@ def _guarded(
     def run(args: argparse.Namespace) -> int:
         try:
             return handler(args)
-        except _known_errors() as exc:
+        except Exception as exc:
+            if not _is_user_error(exc):
+                raise
             return _fail(command, str(exc))
 
     return run
@@ -157,6 +153,11 @@ def _export(args: argparse.Namespace) -> int:
         {"checkpoint": "--checkpoint", "out": "--out", "version": "--version", "data_dir": "--data-dir"},
     )
     trained_by = load_checkpoint(args.checkpoint)["config"].get("command") or "digits train ..."
+    if getattr(args, "quantize", None):  # int8: training/quantize.py
+        from training.quantize import run_export_quantized
+
+        quantize_line = f"{export_line} --quantize {args.quantize}"
+        return run_export_quantized(args, f"{trained_by} && {quantize_line}")
     result = export_checkpoint(
         args.checkpoint,
         args.out,
@@ -280,6 +281,11 @@ def register(subparsers: Any) -> None:
     export.add_argument("--version", default="1.0.0", help="model version written into the metadata")
     export.add_argument(
         "--data-dir", help="take the 256 parity digits from here (default: those stored in the checkpoint)"
+    )
+    export.add_argument(
+        "--quantize", choices=("int8",),
+        help="write a static int8 (QDQ, per-channel) model calibrated on real training digits instead; "
+        "--out defaults to models/lenet5-int8.onnx",
     )
     export.set_defaults(func=_guarded("export", _export))
 
