@@ -5,29 +5,34 @@ BIN := $(VENV)/bin
 # An unpinned torch pulls a multi-GB CUDA build; 2.13.0 is the CPU wheel this project trains with.
 TORCH_PIN ?= torch==2.13.0
 PIP := $(BIN)/python -m pip install --disable-pip-version-check -q
+# Every install is held to the versions in constraints.txt (`make constraints` regenerates it).
+CONSTRAINTS := -c constraints.txt
 SERVE_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: help serve test lint typecheck unit train evaluate proto bench fuzz clean browser-deps prometheus-deps deploy-check
+.PHONY: help serve test lint typecheck unit train evaluate proto bench fuzz audit constraints clean browser-deps prometheus-deps deploy-check
 
 help:
 	@echo "make serve    install the server into $(VENV) and serve models/lenet5.onnx (SERVE_ARGS=...)"
 	@echo "make test     install everything into $(VENV); run ruff, mypy and pytest"
-	@echo "make lint     ruff + mypy only"
+	@echo "make lint     ruff + mypy + pip-audit (skipped with a note when offline)"
+	@echo "make fuzz     bounded libFuzzer run on the image decoder (FUZZ_RUNS, FUZZ_SECONDS)"
+	@echo "make constraints  regenerate constraints.txt from .venv"
 	@echo "make train    retrain the shipped model on ../shared/data/mnist-sample"
 	@echo "make proto    regenerate service/gen from proto/"
+	@echo "make bench    measure the server (docs/benchmarks.md + plot; BENCH_ARGS=--quick for a smoke run)"
 	@echo "make deploy-check  lint the Dockerfile, check the compose stack and render + validate deploy/k8s"
 
 # The server's install: no torch. The stamp is redone when pyproject.toml changes.
-$(VENV)/.serve-installed: pyproject.toml
+$(VENV)/.serve-installed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(PIP) --upgrade pip
-	$(PIP) -e .
+	$(PIP) -e . $(CONSTRAINTS)
 	touch $@
 
-$(VENV)/.dev-installed: pyproject.toml $(VENV)/.serve-installed
-	$(PIP) $(TORCH_PIN)
-	$(PIP) -e '.[train,dev]' $(TORCH_PIN)
+$(VENV)/.dev-installed: pyproject.toml constraints.txt $(VENV)/.serve-installed
+	$(PIP) $(TORCH_PIN) $(CONSTRAINTS)
+	$(PIP) -e '.[train,dev]' $(TORCH_PIN) $(CONSTRAINTS)
 	touch $@
 
 serve: $(VENV)/.serve-installed
@@ -36,6 +41,40 @@ serve: $(VENV)/.serve-installed
 lint: $(VENV)/.dev-installed
 	$(BIN)/ruff check service training tests proto
 	$(BIN)/mypy service training
+	@$(MAKE) --no-print-directory audit
+
+# pip-audit checks every pin in constraints.txt against PyPI's vulnerability data, which is online:
+# where PyPI's per-release JSON API (what pip-audit reads) cannot be reached, as behind a package-only
+# mirror, the audit is skipped with a note, never failing an offline build. AUDIT=0 skips it on purpose.
+AUDIT ?= 1
+AUDIT_PROBE ?= https://pypi.org/pypi/pip/24.0/json
+audit: $(VENV)/.dev-installed
+	@if [ "$(AUDIT)" = 0 ]; then echo "pip-audit: skipped (AUDIT=0)"; \
+	elif $(BIN)/python -c "import urllib.request as u; u.urlopen('$(AUDIT_PROBE)', timeout=5)" >/dev/null 2>&1; then \
+	  $(BIN)/pip-audit --requirement constraints.txt --no-deps --disable-pip --progress-spinner off; \
+	else echo "pip-audit: SKIPPED - cannot reach $(AUDIT_PROBE) (the vulnerability data is online); dependencies were NOT audited"; fi
+
+# Regenerate constraints.txt from what is installed in $(VENV) (after changing dependencies in
+# pyproject.toml and installing them). torch loses its local "+cpu" label: PyPI has no such version.
+constraints:
+	@{ echo "# Pins for every runtime, dev, train and fuzz dependency, as installed and tested: \`make constraints\`"; \
+	  echo "# regenerates it from .venv (pip list --format=freeze --exclude-editable). Installs use -c constraints.txt."; \
+	  $(BIN)/python -m pip list --format=freeze --exclude-editable --disable-pip-version-check \
+	    | grep -viE '^(pip|setuptools|wheel)==' | sed -E 's/^(torch==[^+]+)\+.*/\1/'; } > constraints.txt
+
+# libFuzzer on the decoder path (tests/fuzz/fuzz_decode.py), bounded: FUZZ_RUNS inputs or FUZZ_SECONDS.
+# Crashes are saved under runs/fuzz/. Where atheris cannot be installed, the hypothesis fuzz tests run.
+FUZZ_RUNS ?= 20000
+FUZZ_SECONDS ?= 120
+fuzz: $(VENV)/.dev-installed
+	@if $(PIP) -e '.[fuzz]' $(CONSTRAINTS); then \
+	  mkdir -p runs/fuzz && corpus=$$(mktemp -d) && $(BIN)/python tests/fuzz/seeds.py $$corpus && \
+	  $(BIN)/python tests/fuzz/fuzz_decode.py -runs=$(FUZZ_RUNS) -max_total_time=$(FUZZ_SECONDS) -timeout=10 \
+	    -artifact_prefix=runs/fuzz/ -print_final_stats=1 $$corpus 2>runs/fuzz/last.log; \
+	  status=$$?; rm -rf $$corpus; grep -E '^(stat::|Done|==[0-9]+== ERROR)' runs/fuzz/last.log; \
+	  echo "fuzz: libFuzzer exit status $$status (full log: runs/fuzz/last.log)"; exit $$status; \
+	else echo "fuzz: atheris could not be installed (no wheel for this platform and no clang to build it);" \
+	  "running the hypothesis fuzz tests instead"; $(BIN)/pytest -q tests/test_fuzz.py; fi
 
 # tests/test_browser.py drives Debian's chromium through chromium-driver: install them where we can
 # (root and apt-get), never failing where we cannot; the browser test then skips and says why.
@@ -74,6 +113,11 @@ deploy-check: $(VENV)/.dev-installed
 DATA_DIR ?= ../shared/data/mnist-sample
 train: $(VENV)/.dev-installed
 	$(BIN)/digits train --data-dir $(DATA_DIR) --out-dir runs/shipped --model-out models/lenet5.onnx
+
+# Rewrites the generated section of docs/benchmarks.md and docs/benchmarks.png (a few minutes).
+BENCH_ARGS ?=
+bench: $(VENV)/.dev-installed
+	$(BIN)/digits bench $(BENCH_ARGS)
 
 proto: $(VENV)/.dev-installed
 	$(BIN)/python proto/generate.py

@@ -266,9 +266,12 @@ def load_point(target: str, requests: Sequence[PreparedRequest], concurrency: in
     extra: dict[str, Any] = {}
     if method is not None:
         extra = {"method": method, "parse": parse}
-    warm = LoadSpec(target=target, concurrency=concurrency, duration_s=opts.warmup_s)
+    # 8 connections where there is the concurrency for them: SO_REUSEPORT spreads connections, so with
+    # --workers 2 that leaves a 1-in-128 chance, not 1-in-8, that one worker gets them all.
+    connections = min(concurrency, 8)
+    warm = LoadSpec(target=target, concurrency=concurrency, duration_s=opts.warmup_s, connections=connections)
     asyncio.run(LoadGenerator(warm, requests, **extra).run())
-    spec = LoadSpec(target=target, concurrency=concurrency, duration_s=opts.measure_s)
+    spec = LoadSpec(target=target, concurrency=concurrency, duration_s=opts.measure_s, connections=connections)
     cpu_before = cpu() if cpu else None
     client_before = time.process_time()
     summary = asyncio.run(LoadGenerator(spec, requests, **extra).run())
@@ -280,10 +283,10 @@ def load_point(target: str, requests: Sequence[PreparedRequest], concurrency: in
 
 def measure_server(results: BenchResults, name: str, model: Path, extra: Sequence[str],
                    points: Sequence[tuple[str, int, int]], requests: dict[tuple[str, int], list[PreparedRequest]],
-                   log: Any) -> None:
+                   log: Any, threads: int | None = None) -> None:
     """Start one server configuration and measure `points` (encoding, concurrency, batch) against it."""
     opts = results.options
-    with ServerProcess(model, results.threads, extra) as server:
+    with ServerProcess(model, threads or results.threads, extra) as server:
         for encoding, concurrency, batch in points:
             summary, server_cpu, client_cpu = load_point(server.target, requests[encoding, batch], concurrency,
                                                          opts, server.cpu_s)
@@ -326,7 +329,8 @@ def run_bench(opts: BenchOptions, log: Any = print) -> BenchResults:
     probe = PreparedRequest(requests["raw", 1][0].data, np.empty(0, dtype=np.int64), 0)
     with EchoServer() as echo:
         results.echo, _, _ = load_point(echo.target, [probe], 1, opts, method=ECHO_METHOD, parse=lambda _: [])
-    every = [(enc, c, b) for enc in ENCODINGS for c, b in LOAD_POINTS]
+    # raw and PNG back to back at each load point: their CPU ratio is then measured under the same load.
+    every = [(enc, c, b) for c, b in LOAD_POINTS for enc in ENCODINGS]
     log("server: dynamic batching off, then on")
     measure_server(results, "batching off", opts.model, ["--max-batch-size", "1"], every, requests, log)
     measure_server(results, "batching on", opts.model, [], every, requests, log)
@@ -334,8 +338,9 @@ def run_bench(opts: BenchOptions, log: Any = print) -> BenchResults:
     for workers in opts.workers:
         if workers > 1:
             log(f"server: {workers} workers")
+            # The CPUs are shared out between the workers, as `--threads 0` does.
             measure_server(results, f"{workers} workers", opts.model, ["--workers", str(workers)], scaling,
-                           requests, log)
+                           requests, log, threads=max(1, threads // workers))
     if (fp32 := accuracy(opts.model, images)) is not None:
         results.accuracy["fp32"] = fp32
     if opts.int8_model is not None and opts.int8_model.is_file():

@@ -48,7 +48,8 @@ class ServerConfig:
     max_concurrent_streams: int = _setting(256, "most concurrent HTTP/2 streams (in-flight RPCs) per connection")
     grace_period_s: float = _setting(10.0, "on SIGTERM/SIGINT: how long in-flight requests may take to finish")
     low_confidence: float = _setting(0.6, "predictions below this confidence count as low-confidence (drift signal)")
-    workers: int = _setting(1, "server processes sharing the port (SO_REUSEPORT)")
+    workers: int = _setting(1, "server processes sharing the port (SO_REUSEPORT); worker i serves /metrics on "
+                                  "metrics-port + i")
     watch: bool = _setting(False, "reload the model when its file changes (SIGHUP always reloads)")
     watch_interval_s: float = _setting(1.0, "how often --watch checks the model file (size, mtime, inode)")
     tls_cert: Path | None = _setting(None, "PEM certificate chain for TLS on the gRPC port")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-_DTYPES = {0x08: np.dtype(np.uint8), 0x09: np.dtype(np.int8), 0x0B: np.dtype(">i2"),
+_DTYPES: dict[int, np.dtype] = {0x08: np.dtype(np.uint8), 0x09: np.dtype(np.int8), 0x0B: np.dtype(">i2"),
            0x0C: np.dtype(">i4"), 0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
 # Where the image/label pairs may be found, in order of preference.
 PAIRS = (("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),

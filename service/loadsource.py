@@ -25,10 +25,11 @@ from PIL import Image, ImageDraw
 
 from service import idx
 from service.gen.digits.v1 import digits_pb2
+from service.gen.inference import grpc_predict_v2_pb2 as v2
 
 ENCODINGS = ("raw", "png")
 NO_LABEL = -1
-_LABELLED_NAME = re.compile(r"^(\d)(?:[_\-.]|$)")
+_LABELLED_NAME = re.compile(r"^(\d)[_-]")
 
 
 class SourceError(ValueError):
@@ -135,6 +136,38 @@ def prepare_requests(images: ImageSet, batch: int, encoding: str, max_requests: 
         request = digits_pb2.RecognizeRequest(images=[encoded[i % len(encoded)] for i in picks])
         prepared.append(PreparedRequest(request.SerializeToString(), images.labels[[i % len(encoded) for i in picks]],
                                         batch))
+    return prepared
+
+
+def prepare_v2_requests(images: ImageSet, batch: int, model: str = "lenet5",
+                        max_requests: int = 512) -> list[PreparedRequest]:
+    """Serialized Open Inference Protocol ModelInferRequests: `batch` images as one UINT8 tensor
+    [batch, 1, H, W] in raw_input_contents (MNIST-style pixels; the server normalizes them), asking
+    for the probabilities only. Every image must have one size (28x28 for the shipped model)."""
+    if batch < 1:
+        raise SourceError(f"batch must be >= 1, got {batch}")
+    pixels = []
+    for item in images.images[:max(batch, batch * max_requests)]:
+        if isinstance(item, bytes):
+            try:
+                item = np.asarray(Image.open(io.BytesIO(item)).convert("L"))
+            except (OSError, ValueError) as exc:
+                raise SourceError(f"cannot decode an image file for --protocol v2: {exc}") from exc
+        pixels.append(np.ascontiguousarray(item, dtype=np.uint8))
+    if len({p.shape for p in pixels}) != 1:
+        raise SourceError("--protocol v2 sends tensors: every image must have the same size (use 28x28 digits)")
+    stack = np.stack(pixels)
+    count, height, width = stack.shape
+    prepared = []
+    for r in range(max(1, min(max_requests, -(-count // batch)))):
+        picks = [(r * batch + j) % count for j in range(batch)]
+        request = v2.ModelInferRequest(
+            model_name=model,
+            inputs=[v2.ModelInferRequest.InferInputTensor(name="image", datatype="UINT8",
+                                                          shape=[batch, 1, height, width])],
+            outputs=[v2.ModelInferRequest.InferRequestedOutputTensor(name="probabilities")],
+            raw_input_contents=[stack[picks].tobytes()])
+        prepared.append(PreparedRequest(request.SerializeToString(), images.labels[picks], batch))
     return prepared
 
 

@@ -23,10 +23,12 @@ import grpc
 import numpy as np
 
 from service.gen.digits.v1 import digits_pb2
+from service.gen.inference import grpc_predict_v2_pb2 as v2
 from service.loadsource import PreparedRequest
 from service.loadstats import LoadStats, Summary
 
 RECOGNIZE = "/digits.v1.DigitRecognizer/Recognize"
+MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
 DEFAULT_DURATION_S = 10.0
 REQUESTS_CAP_S = 300.0  # the time bound of a --requests run without --duration
 
@@ -36,6 +38,24 @@ Parse = Callable[[bytes], Sequence[int]]  # serialized reply -> predicted digit 
 def parse_recognize(data: bytes) -> list[int]:
     """Predicted digits of a serialized RecognizeResponse."""
     return [p.digit for p in digits_pb2.RecognizeResponse.FromString(data).predictions]
+
+
+def parse_model_infer(data: bytes) -> list[int]:
+    """Predicted digits of a serialized ModelInferResponse (its probabilities output, raw or typed)."""
+    reply = v2.ModelInferResponse.FromString(data)
+    for index, output in enumerate(reply.outputs):
+        if output.name == "probabilities":
+            if index < len(reply.raw_output_contents):
+                probabilities = np.frombuffer(reply.raw_output_contents[index], dtype="<f4")
+            else:
+                probabilities = np.asarray(output.contents.fp32_contents, dtype=np.float32)
+            classes = int(output.shape[-1]) if output.shape else 10
+            return probabilities.reshape(-1, classes).argmax(axis=1).tolist()
+    return []
+
+
+PROTOCOLS: dict[str, tuple[str, Parse]] = {"digits": (RECOGNIZE, parse_recognize),
+                                           "v2": (MODEL_INFER, parse_model_infer)}
 
 
 @dataclass(frozen=True)
@@ -129,7 +149,8 @@ class LoadGenerator:
             finally:
                 if reporter is not None:
                     reporter.cancel()
-                    self._progress.write("\n")  # type: ignore[union-attr]
+                    if self._progress is not None and self._progress.isatty():
+                        self._progress.write("\n")  # end the live line
         finally:
             await asyncio.gather(*(ch.close() for ch in channels))
         if not self._stopped_by:
@@ -204,18 +225,22 @@ class LoadGenerator:
             await asyncio.gather(*tasks)
 
     async def _report_progress(self) -> None:
-        assert self._progress is not None
+        out = self._progress
+        assert out is not None
+        tty = out.isatty()
+        while (left := self._measure_from - time.perf_counter()) > 0:
+            if tty:
+                out.write(f"\rwarming up, {left:.1f} s left   ")
+                out.flush()
+            await asyncio.sleep(min(self._progress_interval, left))
         last = time.perf_counter()
+        self.stats.interval(0.0)  # start the first interval here
         while True:
             await asyncio.sleep(self._progress_interval)
             now = time.perf_counter()
-            if now < self._measure_from:
-                self._progress.write(f"\rwarming up ({self._measure_from - now:.1f} s left)   ")
-                self.stats.interval(now - last)
-            else:
-                line = self.stats.interval(now - last).progress_line(now - self._measure_from)
-                self._progress.write("\r" + line if self._progress.isatty() else line + "\n")
-            self._progress.flush()
+            line = self.stats.interval(now - last).progress_line(now - self._measure_from)
+            out.write("\r" + line if tty else line + "\n")
+            out.flush()
             last = now
 
 

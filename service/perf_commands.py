@@ -26,6 +26,10 @@ def register_loadtest(subparsers: Any) -> None:
                     "requests/s, images/s, latency p50/p90/p99/max, errors by gRPC status code and, when "
                     "the images have labels, accuracy under load.")
     parser.add_argument("--server", required=True, help="host:port of the server to load (required)")
+    parser.add_argument("--protocol", choices=("digits", "v2"), default="digits",
+                        help="digits.v1 Recognize (default) or Open Inference Protocol ModelInfer (raw UINT8 "
+                             "tensors of 28x28 digits)")
+    parser.add_argument("--model-name", default="lenet5", help="model name for --protocol v2 (default lenet5)")
     parser.add_argument("--concurrency", type=int, default=8,
                         help="closed loop: requests in flight; open loop: most outstanding (default 8)")
     parser.add_argument("--duration", type=float, default=None,
@@ -54,25 +58,31 @@ def register_loadtest(subparsers: Any) -> None:
 
 def run_loadtest(args: argparse.Namespace) -> int:
     """Run `digits loadtest`; exit 0 when at least one request succeeded."""
-    from service.loadsource import load_images, prepare_requests
-    from service.loadtest import LoadSpec, run_load
+    from service.loadsource import load_images, prepare_requests, prepare_v2_requests
+    from service.loadtest import PROTOCOLS, LoadSpec, run_load
 
     try:
         spec = LoadSpec(target=args.server, concurrency=args.concurrency, duration_s=args.duration,
                         requests=args.requests, rate=args.rate, warmup_s=args.warmup, timeout_s=args.timeout,
                         connections=args.connections, seed=args.seed)
         images = load_images(args.images, seed=args.seed)
-        prepared = prepare_requests(images, args.batch, args.encoding)
+        if args.protocol == "v2":
+            if args.encoding != "raw":
+                raise ValueError("--protocol v2 sends raw UINT8 tensors: --encoding png is not possible")
+            prepared = prepare_v2_requests(images, args.batch, args.model_name)
+        else:
+            prepared = prepare_requests(images, args.batch, args.encoding)
     except (ValueError, OSError) as exc:  # SourceError and IdxError are ValueErrors
         print(f"digits loadtest: {exc}", file=sys.stderr)
         return 2
     tls = tls_from_args(args)
     mode = f"open loop {spec.rate:g} req/s" if spec.rate else f"concurrency {spec.concurrency}"
-    print(f"digits loadtest: {spec.target}, {images.description}, {args.batch} {args.encoding} image(s) per "
-          f"request, {mode}", file=sys.stderr)
+    print(f"digits loadtest: {spec.target} ({args.protocol}), {images.description}, {args.batch} {args.encoding} "
+          f"image(s) per request, {mode}", file=sys.stderr)
+    method, parse = PROTOCOLS[args.protocol]
     try:
-        summary = run_load(spec, prepared, credentials=tls.credentials() if tls else None,
-                           channel_options=tls.options() if tls else (),
+        summary = run_load(spec, prepared, method=method, parse=parse,
+                           credentials=tls.credentials() if tls else None, channel_options=tls.options() if tls else (),
                            progress=None if args.quiet else sys.stderr)
     except KeyboardInterrupt:
         return 130
@@ -80,8 +90,9 @@ def run_loadtest(args: argparse.Namespace) -> int:
         print(f"digits loadtest: {exc}", file=sys.stderr)
         return 1
     if args.json:
-        print(json.dumps({"server": spec.target, "batch": args.batch, "encoding": args.encoding,
-                          "concurrency": spec.concurrency, "rate": spec.rate, "images": images.description,
+        print(json.dumps({"server": spec.target, "protocol": args.protocol, "batch": args.batch,
+                          "encoding": args.encoding, "concurrency": spec.concurrency, "rate": spec.rate,
+                          "source": images.description,
                           **summary.to_json()}))
     else:
         print(summary.format_text())

@@ -215,7 +215,11 @@ def mnist_recipe(gray: np.ndarray, side: int = 28) -> np.ndarray:
     with the centre of mass at the centre.
     """
     border = np.concatenate((gray[0], gray[-1], gray[:, 0], gray[:, -1]))
-    background = int(np.median(border))
+    # The median of the 2 * (H + W) border values, i.e. int(np.median(border)) without its overhead
+    # (a quarter of this function's time on a 28x28 image).
+    middle = border.size // 2
+    low, high = np.partition(border, (middle - 1, middle))[middle - 1:middle + 1]
+    background = (int(low) + int(high)) // 2
     # Dark ink on a light page (paper, canvas) is inverted so ink is bright, as in MNIST.
     ink = background - gray.astype(np.int16) if background > 127 else gray.astype(np.int16) - background
     peak = int(ink.max())

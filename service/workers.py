@@ -6,7 +6,8 @@ process can keep busy, more processes means more requests per second. The kernel
 connection therefore talks to one worker, and load balancers or clients with several connections
 (`digits loadtest --connections`) use them all.
 
-Each worker is a complete server (its own model session, batcher and metrics). Metrics are per
+Each worker is a complete server (its own model session, batcher and metrics); with ``--threads 0``
+each gets its share of the CPUs as onnxruntime threads (CPUs // N, at least 1). Metrics are per
 worker, on consecutive ports: worker i serves /metrics on ``--metrics-port + i`` (workers 0..N-1), and
 the fleet's figure is the sum over those targets (in Prometheus: ``sum without (instance) (...)``).
 Per-worker ports keep every metric exact, gauges and the model-info labels included, which the
@@ -35,6 +36,7 @@ from typing import Any
 
 from service.config import ServerConfig
 from service.logs import fields
+from service.model import available_cpus
 
 log = logging.getLogger(__name__)
 
@@ -49,14 +51,18 @@ class _Worker:
     conn: multiprocessing.connection.Connection
     port: int = 0
     metrics_port: int = 0
+    told_to_stop: bool = False
 
 
-def worker_config(cfg: ServerConfig, index: int, port: int) -> ServerConfig:
-    """The settings of worker `index`: the shared gRPC port, its own metrics port."""
+def worker_config(cfg: ServerConfig, index: int, port: int, cpus: int | None = None) -> ServerConfig:
+    """The settings of worker `index`: the shared gRPC port, its own metrics port, and (for ``--threads
+    0``) its share of the CPUs as onnxruntime threads, so that N workers do not each start a thread
+    per CPU and fight over them."""
     metrics_port = cfg.metrics_port + index if cfg.metrics_port else 0
     if metrics_port > 65535:
         raise ValueError(f"metrics-port {cfg.metrics_port} + {index} (worker {index}) is beyond 65535")
-    return cfg.replace(port=port, metrics_port=metrics_port)
+    threads = cfg.threads or max(1, (cpus or available_cpus()) // cfg.workers)
+    return cfg.replace(port=port, metrics_port=metrics_port, threads=threads)
 
 
 def _worker_main(index: int, cfg: ServerConfig, conn: multiprocessing.connection.Connection) -> None:
@@ -70,16 +76,25 @@ def _worker_main(index: int, cfg: ServerConfig, conn: multiprocessing.connection
 async def _serve_worker(index: int, cfg: ServerConfig, conn: multiprocessing.connection.Connection) -> int:
     from service.server import DigitsServer, StartupError
 
+    # A signal forwarded by the parent before the server's handlers exist would kill the worker (SIGHUP's
+    # default action) or skip the drain: hold them until the handlers are in place.
+    held = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
+    signal.pthread_sigmask(signal.SIG_BLOCK, held)
     server = DigitsServer(cfg)
     try:
         await server.start()
     except StartupError as exc:
         conn.send(("failed", str(exc)))
         return 1
+    serving = asyncio.get_running_loop().create_task(server.run_until_signalled())
+    await asyncio.sleep(0)  # run_until_signalled installs its handlers in its first step
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, held)
     conn.send(("ready", server.port, server.metrics_port))
     log.info("worker ready", extra=fields(worker=index, pid=os.getpid(), grpc_port=server.port,
                                           metrics_port=server.metrics_port or None))
-    await server.run_until_signalled()
+    await serving
+    # Drained: a late signal must not turn this clean exit into a kill (the loop's handlers are going).
+    signal.pthread_sigmask(signal.SIG_BLOCK, held)
     return 0
 
 
@@ -122,6 +137,10 @@ class _Fleet:
 
     def signal_all(self, signum: int) -> None:
         for worker in self.workers:
+            if signum == signal.SIGTERM:
+                if worker.told_to_stop:
+                    continue  # once is enough: the drain is under way
+                worker.told_to_stop = True
             if worker.process.is_alive() and worker.process.pid is not None:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(worker.process.pid, signum)
@@ -194,5 +213,6 @@ def _run(fleet: _Fleet) -> int:
             fleet.stop_and_reap()
             return 1
     clean = fleet.stop_and_reap()
-    log.info("stopped", extra=fields(workers=cfg.workers, clean=clean))
+    log.info("stopped", extra=fields(workers=cfg.workers, clean=clean,
+                                     exit_codes=[w.process.exitcode for w in fleet.workers]))
     return 0 if clean else 1

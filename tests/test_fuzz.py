@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -390,3 +391,30 @@ def test_batched_preprocessing_equals_image_by_image(payloads: list[bytes | RawI
     if len({s.dtype for s in singles}) > 1:
         expected = np.stack([s.astype(np.float32) / 255.0 if s.dtype == np.uint8 else s for s in singles])
     np.testing.assert_array_equal(batch, expected)
+
+
+# --- the libFuzzer harness (tests/fuzz/fuzz_decode.py) stays runnable ---------------------------------
+
+def test_libfuzzer_harness_accepts_its_seed_corpus(tmp_path) -> None:
+    import struct
+    import subprocess
+    import sys
+
+    from tests.fuzz import fuzz_decode
+
+    raw = fuzz_decode.RAW_PREFIX + struct.pack("<HHB", 28, 28, 0) + bytes(784)
+    for data in [*SEEDS, raw, fuzz_decode.RAW_PREFIX + b"\xff" * 9, b"", MARKER * 3]:
+        fuzz_decode.check(data)  # raises on anything but a good array or a clean ImageError
+    assert isinstance(fuzz_decode.payload_of(raw), RawImage)
+    try:
+        import atheris  # noqa: F401
+    except ImportError:
+        pytest.skip("atheris is not installed (pip install '.[fuzz]'); `make fuzz` runs the harness")
+    from tests.fuzz.seeds import main as write_seeds
+
+    write_seeds(["seeds", str(tmp_path / "corpus")])
+    run = subprocess.run([sys.executable, "tests/fuzz/fuzz_decode.py", "-runs=300", f"-artifact_prefix={tmp_path}/",
+                          str(tmp_path / "corpus")], capture_output=True, text=True, timeout=120,
+                         cwd=Path(fuzz_decode.__file__).resolve().parents[2])
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "Done 300 runs" in run.stderr

@@ -109,33 +109,35 @@ def test_a_small_file_that_decodes_huge_is_refused_before_decoding(limited) -> N
         assert len(recognize(channel, [raw_at_limit]).predictions) == 1
 
 
-def test_huge_normalized_values_fail_only_their_own_request(limited) -> None:
+def test_huge_normalized_values_fail_only_their_own_request() -> None:
     """Finite but absurd values overflow inside the model: that request gets INVALID_ARGUMENT instead
     of NaN probabilities, and a request batched with it is answered normally."""
     pb = pytest.importorskip("service.gen.inference.grpc_predict_v2_pb2")
     from service.gen.inference import grpc_predict_v2_pb2_grpc as pb_grpc
 
-    recognizer = limited.server.recognizer
-    assert recognizer is not None
-    hostile = pb.ModelInferRequest(model_name=recognizer.model.name, inputs=[
-        pb.ModelInferRequest.InferInputTensor(name="image", datatype="FP32", shape=[1, 1, 28, 28])])
-    hostile.raw_input_contents.append(np.full(784, -3e38, dtype="<f4").tobytes())
-    registry = limited.server.metrics.registry
-    with grpc.insecure_channel(limited.target) as channel:
-        alone = recognize(channel, [GOOD])
-        batches = registry.get_sample_value("digits_batch_size_count")
-        bad = pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer.future(hostile, timeout=10)
+    # A batch runs when two images are queued; the long delay only makes sure they wait for each other.
+    with ServerThread(max_batch_size=2, max_batch_delay_ms=5000) as running, \
+            grpc.insecure_channel(running.target) as channel:
+        recognizer = running.server.recognizer
+        assert recognizer is not None
+        hostile = pb.ModelInferRequest(model_name=recognizer.model.name, inputs=[
+            pb.ModelInferRequest.InferInputTensor(name="image", datatype="FP32", shape=[1, 1, 28, 28])])
+        hostile.raw_input_contents.append(np.full(784, -3e38, dtype="<f4").tobytes())
+        bad = pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer.future(hostile, timeout=30)
         good = digits_pb2_grpc.DigitRecognizerStub(channel).Recognize.future(
-            digits_pb2.RecognizeRequest(images=[GOOD]), timeout=10)
+            digits_pb2.RecognizeRequest(images=[GOOD]), timeout=30)
         with pytest.raises(grpc.RpcError) as caught:
             bad.result()
         assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "NaN or infinite" in caught.value.details()
         assert "normalized inputs should lie in" in caught.value.details()
-        assert list(good.result().predictions[0].probabilities) == pytest.approx(
-            list(alone.predictions[0].probabilities), abs=1e-5)
-    # Both ran in one batch (the 100 ms batch delay gathers them): the overflow stayed in its own row.
-    assert registry.get_sample_value("digits_batch_size_count") == batches + 1
+        together = good.result().predictions[0]
+        alone = recognize(channel, [GOOD, GOOD]).predictions[0]  # two images: a full batch, no waiting
+        assert list(together.probabilities) == pytest.approx(list(alone.probabilities), abs=1e-5)
+        # Both ran in one batch: the overflow stayed in its own row.
+        registry = running.server.metrics.registry
+        assert registry.get_sample_value("digits_batch_size_count") == 2
+        assert registry.get_sample_value("digits_batch_size_sum") == 4
 
 
 def test_every_limit_is_set_by_environment_through_the_cli(tmp_path) -> None:

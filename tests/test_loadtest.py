@@ -22,9 +22,9 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from service.gen.digits.v1 import digits_pb2, digits_pb2_grpc
-from service.loadsource import load_images, prepare_requests, synthetic_images
+from service.loadsource import load_images, prepare_requests, prepare_v2_requests, synthetic_images
 from service.loadstats import LoadStats, latency_summary, percentile
-from service.loadtest import LoadSpec, run_load
+from service.loadtest import PROTOCOLS, LoadSpec, run_load
 from tests.harness import FIXTURE_DIR, ServerThread, free_port
 
 # --- statistics on known inputs --------------------------------------------------------------------
@@ -168,6 +168,17 @@ def test_accuracy_under_load_with_real_digits_raw_and_png() -> None:
             assert summary.accuracy is not None and summary.accuracy >= 0.95, (encoding, summary.accuracy)
 
 
+def test_open_inference_protocol_load_checks_accuracy_too() -> None:
+    images = load_images(FIXTURE_DIR)
+    method, parse = PROTOCOLS["v2"]
+    with ServerThread() as server:
+        requests = prepare_v2_requests(images, batch=10)
+        summary = run_load(LoadSpec(target=server.target, concurrency=4, requests=30, duration_s=60), requests,
+                           method=method, parse=parse)
+    assert (summary.ok, summary.error_count, summary.checked) == (30, 0, 300)
+    assert summary.accuracy is not None and summary.accuracy >= 0.95
+
+
 def test_open_loop_sends_the_requested_number_at_the_requested_rate() -> None:
     with ServerThread() as server:
         requests = prepare_requests(synthetic_images(4), batch=1, encoding="raw")
@@ -206,7 +217,7 @@ def test_command_prints_json_for_an_image_folder_with_labels(tmp_path: Path) -> 
     report = json.loads(done.stdout)
     assert (report["requests"], report["ok"], report["error_count"], report["checked"]) == (12, 12, 0, 12)
     assert report["accuracy"] >= 0.8 and report["latency_ms"]["p99"] > 0
-    assert "6 image files" in report["images"]
+    assert "6 image files" in report["source"]
 
 
 def test_command_is_bounded_in_time_and_reports_progress() -> None:

@@ -34,9 +34,7 @@ class AffineAugment:
         shift_y = (uniform[:, 3] * 2 - 1) * self.max_shift_px * 2 / height
         # theta maps output coordinates to input ones, so the inverse scale enlarges the digit.
         cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
-        theta = torch.stack(
-            [torch.stack([cos, -sin, shift_x], dim=1), torch.stack([sin, cos, shift_y], dim=1)], dim=1
-        )
+        theta = torch.stack([torch.stack([cos, -sin, shift_x], dim=1), torch.stack([sin, cos, shift_y], dim=1)], dim=1)
         grid = F.affine_grid(theta, list(images.shape), align_corners=False)
         # Sample (x - background) with zero padding: the exact equivalent of black padding in pixels.
         shifted = F.grid_sample(

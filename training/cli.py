@@ -56,9 +56,7 @@ def _is_user_error(exc: Exception) -> bool:
     return False
 
 
-def _guarded(
-    command: str, handler: Callable[[argparse.Namespace], int]
-) -> Callable[[argparse.Namespace], int]:
+def _guarded(command: str, handler: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
     def run(args: argparse.Namespace) -> int:
         try:
             return handler(args)
@@ -120,6 +118,7 @@ def _train(args: argparse.Namespace) -> int:
         val_size=args.val_size,
         test_size=args.test_size,
         resume=Path(args.resume) if args.resume else None,
+        threads=args.threads,
         command=command,
     )
     result = train(config)
@@ -221,13 +220,9 @@ def register(subparsers: Any) -> None:
         description="Train LeNet-5 (needs torch), keep the best epoch on validation, export it to ONNX.",
     )
     train.add_argument("--data-dir", required=True, help="directory with train-*[.gz] (and t10k-*) IDX files")
-    train.add_argument(
-        "--out-dir", required=True, help="run directory: checkpoints, metrics, held-out digits"
-    )
+    train.add_argument("--out-dir", required=True, help="run directory: checkpoints, metrics, held-out digits")
     train.add_argument("--epochs", type=_positive_int, default=40, help="number of epochs (default 40)")
-    train.add_argument(
-        "--seed", type=int, default=1, help="seed for init, shuffling, augmentation (default 1)"
-    )
+    train.add_argument("--seed", type=int, default=1, help="seed for init, shuffling, augmentation (default 1)")
     train.add_argument("--no-augment", action="store_true", help="disable the random rotation/shift/scale")
     train.add_argument(
         "--lr-schedule",
@@ -235,9 +230,7 @@ def register(subparsers: Any) -> None:
         default="cosine",
         help="Adam learning rate 1e-3, decayed by cosine (default) or constant",
     )
-    train.add_argument(
-        "--val-size", type=_positive_int, default=1000, help="validation digits (default 1000)"
-    )
+    train.add_argument("--val-size", type=_positive_int, default=1000, help="validation digits (default 1000)")
     train.add_argument(
         "--test-size",
         type=_positive_int,
@@ -245,10 +238,11 @@ def register(subparsers: Any) -> None:
         help="test digits held out when the data dir has no t10k-* files (default 1000)",
     )
     train.add_argument("--resume", metavar="CKPT", help="continue from a checkpoint (e.g. OUT_DIR/last.pt)")
-    train.add_argument(
-        "--model-out", metavar="PATH.onnx", help="where to export (default OUT_DIR/lenet5.onnx)"
-    )
+    train.add_argument("--model-out", metavar="PATH.onnx", help="where to export (default OUT_DIR/lenet5.onnx)")
     train.add_argument("--version", default="1.0.0", help="model version written into the metadata")
+    train.add_argument(
+        "--threads", type=int, default=0, help="torch CPU threads (default 0: all CPUs available to the process)"
+    )
     train.set_defaults(func=_guarded("train", _train))
 
     evaluate = subparsers.add_parser(
@@ -266,9 +260,7 @@ def register(subparsers: Any) -> None:
     )
     evaluate.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     evaluate.add_argument("--plot", metavar="FILE.png", help="also draw the confusion matrix")
-    evaluate.add_argument(
-        "--batch-size", type=_positive_int, default=1000, help="inference batch (default 1000)"
-    )
+    evaluate.add_argument("--batch-size", type=_positive_int, default=1000, help="inference batch (default 1000)")
     evaluate.set_defaults(func=_guarded("evaluate", _evaluate))
 
     export = subparsers.add_parser(
@@ -283,7 +275,8 @@ def register(subparsers: Any) -> None:
         "--data-dir", help="take the 256 parity digits from here (default: those stored in the checkpoint)"
     )
     export.add_argument(
-        "--quantize", choices=("int8",),
+        "--quantize",
+        choices=("int8",),
         help="write a static int8 (QDQ, per-channel) model calibrated on real training digits instead; "
         "--out defaults to models/lenet5-int8.onnx",
     )

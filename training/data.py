@@ -118,13 +118,10 @@ def read_idx(path: str | Path) -> np.ndarray:
     actual = len(data) - header_len
     if actual < expected:
         raise DataError(
-            f"{path}: truncated payload: header says shape {list(shape)} ({expected} bytes), "
-            f"file holds {actual} bytes"
+            f"{path}: truncated payload: header says shape {list(shape)} ({expected} bytes), file holds {actual} bytes"
         )
     if actual > expected:
-        raise DataError(
-            f"{path}: {actual - expected} trailing bytes after the payload of shape {list(shape)}"
-        )
+        raise DataError(f"{path}: {actual - expected} trailing bytes after the payload of shape {list(shape)}")
     array = np.frombuffer(data, dtype=dtype, offset=header_len).reshape(shape)
     return array.astype(dtype.newbyteorder("="), copy=False)
 
@@ -139,9 +136,7 @@ def read_images(path: str | Path) -> np.ndarray:
             f"got {array.dtype} with {array.ndim} dimension(s)"
         )
     if array.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE):
-        raise DataError(
-            f"{path}: images are {array.shape[1]}x{array.shape[2]}, expected {IMAGE_SIZE}x{IMAGE_SIZE}"
-        )
+        raise DataError(f"{path}: images are {array.shape[1]}x{array.shape[2]}, expected {IMAGE_SIZE}x{IMAGE_SIZE}")
     return array
 
 
@@ -156,9 +151,7 @@ def read_labels(path: str | Path) -> np.ndarray:
         )
     if array.size and int(array.max()) >= NUM_CLASSES:
         bad = int(np.argmax(array >= NUM_CLASSES))
-        raise DataError(
-            f"{path}: label {int(array[bad])} at index {bad} is out of range 0..{NUM_CLASSES - 1}"
-        )
+        raise DataError(f"{path}: label {int(array[bad])} at index {bad} is out of range 0..{NUM_CLASSES - 1}")
     return array
 
 
@@ -234,9 +227,7 @@ def load_split(data_dir: str | Path, split: str) -> Digits:
     images = read_images(images_path)
     labels = read_labels(labels_path)
     if images.shape[0] != labels.shape[0]:
-        raise DataError(
-            f"{images_path}: {images.shape[0]} images but {labels_path} has {labels.shape[0]} labels"
-        )
+        raise DataError(f"{images_path}: {images.shape[0]} images but {labels_path} has {labels.shape[0]} labels")
     return Digits(
         images=images,
         labels=labels,
@@ -273,9 +264,7 @@ def _quotas(counts: np.ndarray, n: int) -> np.ndarray:
     return quotas
 
 
-def stratified_holdout(
-    labels: np.ndarray, sizes: Sequence[int], seed: int = SPLIT_SEED
-) -> tuple[np.ndarray, ...]:
+def stratified_holdout(labels: np.ndarray, sizes: Sequence[int], seed: int = SPLIT_SEED) -> tuple[np.ndarray, ...]:
     """Deterministically split indices of `labels` into parts of `sizes` plus the rest, stratified by class.
 
     Returns ``len(sizes) + 1`` sorted index arrays: one per requested size, then the remaining indices.
@@ -318,9 +307,7 @@ class Splits:
     """Indices into the train files; None when the test set is the real t10k-* files."""
 
 
-def prepare_splits(
-    data_dir: str | Path, val_size: int = 1000, test_size: int = 1000, seed: int = SPLIT_SEED
-) -> Splits:
+def prepare_splits(data_dir: str | Path, val_size: int = 1000, test_size: int = 1000, seed: int = SPLIT_SEED) -> Splits:
     """Load `data_dir` and split it: validation (and, without t10k-* files, test) held out of train."""
     full = load_split(data_dir, "train")
     rule = f"stratified by class, numpy.random.default_rng({seed})"

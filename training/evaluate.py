@@ -80,8 +80,7 @@ def predict(
     """Predicted class index for each uint8 image [N, H, W] (ink bright, MNIST convention)."""
     if pixels.shape[1:] != (metadata.height, metadata.width):
         raise ModelError(
-            f"images are {pixels.shape[1]}x{pixels.shape[2]}, the model expects "
-            f"{metadata.height}x{metadata.width}"
+            f"images are {pixels.shape[1]}x{pixels.shape[2]}, the model expects {metadata.height}x{metadata.width}"
         )
     if metadata.ink_polarity == "dark_on_light":
         pixels = 255 - pixels  # IDX digits are light on dark

@@ -74,9 +74,7 @@ def git_commit() -> str:
     return commit if done.returncode == 0 and commit else "unknown"
 
 
-def build_metadata(
-    checkpoint: Mapping[str, Any], version: str, command: str, opset: int = OPSET
-) -> ModelMetadata:
+def build_metadata(checkpoint: Mapping[str, Any], version: str, command: str, opset: int = OPSET) -> ModelMetadata:
     """The serving contract plus provenance, from what the checkpoint recorded about its run."""
     norm = checkpoint["normalization"]
     data = checkpoint["data"]
@@ -146,9 +144,7 @@ def write_onnx(model: torch.nn.Module, path: Path, props: Mapping[str, str], ops
         raise ExportError(f"exported graph fails onnx.checker: {exc}") from None
     path.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(proto, path, save_as_external_data=False)
-    external = [
-        t.name for t in onnx.load(path).graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL
-    ]
+    external = [t.name for t in onnx.load(path).graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
     if external:
         raise ExportError(f"{path}: weights stored outside the file: {external}")
 
@@ -162,8 +158,7 @@ def check_parity(expected: np.ndarray, actual: np.ndarray, tolerance: float = PA
     if not worst <= tolerance:  # also catches NaN
         row = int(np.unravel_index(np.nanargmax(diff), diff.shape)[0]) if diff.size else -1
         raise ExportError(
-            f"parity: onnxruntime differs from PyTorch by {worst:.3g} (tolerance {tolerance:g}) "
-            f"on digit {row}"
+            f"parity: onnxruntime differs from PyTorch by {worst:.3g} (tolerance {tolerance:g}) on digit {row}"
         )
     return worst
 

@@ -52,6 +52,8 @@ class TrainConfig:
     test_size: int = 1000
     split_seed: int = SPLIT_SEED
     resume: Path | None = None
+    threads: int = 0
+    """torch CPU threads; 0 = every CPU this process may use."""
     command: str = ""
     """The `digits train ...` line that started the run, recorded in the exported model."""
     progress: bool = True
@@ -74,12 +76,14 @@ class TrainResult:
     history: list[dict[str, float]] = field(default_factory=list)
 
 
-def configure_torch(seed: int) -> None:
-    """Seed torch, demand deterministic kernels, and use the CPUs this process may run on."""
+def configure_torch(seed: int, threads: int = 0) -> None:
+    """Seed torch, demand deterministic kernels, and use `threads` CPUs (0: all this process may use)."""
     torch.manual_seed(seed)
     torch.use_deterministic_algorithms(True)
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    torch.set_num_threads(max(1, cpus))
+    if threads <= 0:
+        # The affinity mask, not os.cpu_count(): containers and taskset often allow fewer CPUs.
+        threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    torch.set_num_threads(max(1, threads))
 
 
 def to_tensors(digits: Digits) -> tuple[torch.Tensor, torch.Tensor]:
@@ -194,7 +198,7 @@ def train(config: TrainConfig, log: Callable[[str], None] = print) -> TrainResul
         raise TrainError(f"unknown learning-rate schedule {config.lr_schedule!r}")
     if config.epochs < 1:
         raise TrainError("--epochs must be at least 1")
-    configure_torch(config.seed)
+    configure_torch(config.seed, config.threads)
     splits = prepare_splits(config.data_dir, config.val_size, config.test_size, config.split_seed)
     out_dir = config.out_dir
     out_dir.mkdir(parents=True, exist_ok=True)

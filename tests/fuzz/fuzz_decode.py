@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script from anywhere
 
-from service.preprocess import ImageError, Payload, RawImage, to_pixels  # noqa: E402
+from service.preprocess import ImageError, Payload, RawImage, to_pixels
 
 RAW_PREFIX = b"RAW:"
 MAX_PIXELS = 4_000_000
