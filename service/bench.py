@@ -57,7 +57,7 @@ class BenchOptions:
 
     @property
     def measure_s(self) -> float:
-        return 0.3 if self.quick else 3.0
+        return 0.3 if self.quick else 4.0
 
     @property
     def warmup_s(self) -> float:

@@ -120,6 +120,10 @@ class DigitsServer:
             metrics_port=self.metrics_port or None, load_seconds=round(model.load_seconds, 3),
             http_port=self.http_port or None,
             low_confidence=cfg.low_confidence, summary_interval_s=cfg.summary_interval_s))
+        if cfg.tls_cert is not None and self.http_port:
+            log.warning("--http-port serves plain HTTP: --tls-cert covers the gRPC port only; bind HTTP to a "
+                        "private address or put a TLS-terminating proxy in front", extra=fields(
+                            http_port=self.http_port))
         self._summary = SummaryLogger(self.metrics, cfg.summary_interval_s)
         self._summary.start()
         if cfg.watch:

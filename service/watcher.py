@@ -52,7 +52,6 @@ class ModelFileWatcher:
         self._reload = reload
         self._interval = interval_s
         self._task: asyncio.Task[None] | None = None
-        self.reloads = 0  # reloads started, for logs and tests
 
     def start(self) -> None:
         """Start polling on the running event loop; the current file counts as already loaded."""
@@ -82,7 +81,6 @@ class ModelFileWatcher:
                 candidate = current  # changed (or still changing): wait one more poll to see it settle
                 continue
             loaded, candidate = current, None
-            self.reloads += 1
             log.info("model file changed; reloading", extra=fields(path=str(self._path), size=current.size))
             try:
                 await self._reload()

@@ -189,10 +189,10 @@ def test_reload_under_concurrent_load_loses_nothing(versions, tmp_path) -> None:
             reloads = 6
             for n in range(reloads):
                 path, version = (versions.v2, V2) if n % 2 == 0 else (versions.v1, V1)
-                before = traffic.count(version)
+                wanted = traffic.count(version) + 20
                 running.call(recognizer.reload(path))
                 # Keep each version in service until it has answered some requests.
-                wait_until(lambda v=version, b=before: traffic.count(v) >= b + 20, timeout=30,
+                wait_until(lambda: traffic.count(version) >= wanted, timeout=30,  # noqa: B023 (called at once)
                            what=f"replies from {version}")
         finally:
             traffic.finish()

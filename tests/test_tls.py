@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import logging
 import subprocess
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -25,7 +27,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from service.client import DigitsClient, TlsOptions
 from service.server import StartupError
-from tests.harness import SHIPPED_MODEL, ServerThread, fixture_digits, render
+from tests.harness import SHIPPED_MODEL, ServerThread, fixture_digits, free_port, render
 
 DIGITS, _ = fixture_digits()
 
@@ -197,7 +199,7 @@ def test_cli_predict_and_health_speak_mutual_tls(mtls_server, pki, tmp_path) -> 
     assert "go together" in result.stderr and "Traceback" not in result.stderr
 
 
-def _start(**overrides: object) -> None:
+def _start(**overrides: Any) -> None:
     running = ServerThread(**overrides)
     try:
         running.start()
@@ -233,3 +235,11 @@ def test_unusable_tls_files_through_the_cli(pki, tmp_path) -> None:
     assert result.returncode == 2
     assert "tls-cert and tls-key must be given together" in result.stderr
 
+
+
+def test_plain_http_next_to_tls_is_called_out(pki, caplog) -> None:
+    """TLS covers the gRPC port; a REST port next to it is plain HTTP, and the log says so at start-up."""
+    with caplog.at_level(logging.WARNING, logger="service.server"), \
+            ServerThread(tls_cert=pki.server_cert, tls_key=pki.server_key, http_port=free_port()):
+        pass
+    assert any("--http-port serves plain HTTP" in r.getMessage() for r in caplog.records)
