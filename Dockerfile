@@ -23,11 +23,12 @@ FROM ${PYTHON_IMAGE} AS build
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore
 RUN python -m venv /opt/venv
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md constraints.txt ./
 COPY service/ service/
 COPY training/ training/
 # pip and setuptools leave the venv once they have done their job: nothing at run time installs code.
-RUN /opt/venv/bin/python -m pip install . \
+# constraints.txt holds every dependency to the versions the tests ran with.
+RUN /opt/venv/bin/python -m pip install --constraint constraints.txt . \
     && /opt/venv/bin/python -m pip uninstall --yes pip setuptools
 
 # ---------------------------------------------------------------------------------------------------
@@ -44,10 +45,10 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/* \
     && python3 -m venv /opt/venv
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md constraints.txt ./
 COPY service/ service/
 COPY training/ training/
-RUN /opt/venv/bin/python -m pip install . \
+RUN /opt/venv/bin/python -m pip install --constraint constraints.txt . \
     && /opt/venv/bin/python -m pip uninstall --yes onnxruntime \
     && /opt/venv/bin/python -m pip install "onnxruntime-gpu==${ORT_GPU_VERSION}" \
     && /opt/venv/bin/python -m pip uninstall --yes pip
@@ -95,13 +96,13 @@ ARG TORCH_VERSION
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore
 RUN python -m venv /opt/venv
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md constraints.txt ./
 COPY service/ service/
 COPY training/ training/
 # The CPU wheel from PyTorch's own index: an unpinned torch from PyPI pulls a multi-GB CUDA build.
 RUN /opt/venv/bin/python -m pip install "torch==${TORCH_VERSION}" \
         --index-url https://download.pytorch.org/whl/cpu \
-    && /opt/venv/bin/python -m pip install ".[train]" \
+    && /opt/venv/bin/python -m pip install --constraint constraints.txt ".[train]" \
     && groupadd --system --gid 10001 digits \
     && useradd --system --uid 10001 --gid digits --no-create-home --home-dir /nonexistent \
        --shell /usr/sbin/nologin digits \
