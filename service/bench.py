@@ -9,30 +9,26 @@
 
 The client is the `digits loadtest` engine, in this process. Client and server share the machine's
 cores, so absolute figures say as much about the machine as about the server: the targets are
-ratios within one run. `benchreport` turns the results into docs/benchmarks.md and the plot.
+ratios within one run, taken back to back (see `run_bench`). The processes live in `benchprocs`;
+`benchreport` turns the results into docs/benchmarks.md and the plot.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
-import os
-import signal
-import socket
-import subprocess
-import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import grpc
 import numpy as np
 
+from service.benchprocs import ECHO_METHOD, EchoServer, ServerProcess
 from service.loadsource import ImageSet, PreparedRequest, load_images, prepare_requests
-from service.loadstats import Summary, percentile
+from service.loadstats import LoadStats, Summary, percentile
 from service.loadtest import LoadGenerator, LoadSpec
 from service.model import available_cpus, load_model
 from service.preprocess import normalize
@@ -40,8 +36,6 @@ from service.preprocess import normalize
 LOAD_POINTS = ((1, 1), (16, 1), (64, 1), (4, 64))  # (concurrency, images per request)
 CEILING_BATCHES = (1, 8, 64, 256)
 ENCODINGS = ("raw", "png")
-ECHO_METHOD = "/bench.Echo/Echo"
-ECHO_REPLY = bytes(64)  # about the size of a one-image RecognizeResponse
 
 
 @dataclass(frozen=True)
@@ -54,6 +48,10 @@ class BenchOptions:
     threads: int = 0  # 0: the CPUs available to this process, as the server does
     quick: bool = False
     workers: tuple[int, ...] = (1, 2)
+
+    @property
+    def rounds(self) -> int:
+        return 1 if self.quick else 2
 
     @property
     def measure_s(self) -> float:
@@ -96,6 +94,7 @@ class BenchResults:
     images: str
     machine: dict[str, str]
     ceiling: dict[int, float] = field(default_factory=dict)  # batch -> images/s
+    paired_ceiling: list[float] = field(default_factory=list)  # batch 64 images/s, beside the batched point
     single_run_s: float = 0.0  # median session.run at batch 1
     echo: Summary | None = None
     points: list[Point] = field(default_factory=list)
@@ -134,167 +133,49 @@ def measure_ceiling(model_path: Path, threads: int, digits: np.ndarray, seconds:
     return rates, percentile(single, 50) if single else float("nan")
 
 
-def process_tree_cpu_s(pid: int) -> float | None:
-    """utime + stime of `pid` and all its descendants (live ones), in seconds; None off Linux."""
-    try:
-        tick = os.sysconf("SC_CLK_TCK")
-        stats: dict[int, tuple[int, float]] = {}
-        for entry in os.listdir("/proc"):
-            if not entry.isdigit():
-                continue
-            try:
-                text = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue  # exited meanwhile
-            rest = text[text.rindex(")") + 2:].split()
-            stats[int(entry)] = (int(rest[1]), (int(rest[11]) + int(rest[12])) / tick)
-    except (OSError, ValueError, AttributeError):
-        return None
-    if pid not in stats:
-        return None
-    total, frontier = 0.0, [pid]
-    while frontier:
-        current = frontier.pop()
-        total += stats[current][1]
-        frontier += [p for p, (parent, _) in stats.items() if parent == current]
-    return total
+@dataclass
+class _Tally:
+    """One load point against one server, summed over the rounds."""
+
+    stats: LoadStats = field(default_factory=LoadStats)
+    seconds: float = 0.0
+    server_cpu_s: float | None = 0.0
+    client_cpu_s: float = 0.0
+
+    def add(self, stats: LoadStats, seconds: float, server_cpu_s: float | None, client_cpu_s: float) -> None:
+        self.stats.latencies += stats.latencies
+        self.stats.errors.update(stats.errors)
+        self.stats.images += stats.images
+        self.stats.checked += stats.checked
+        self.stats.correct += stats.correct
+        self.seconds += seconds
+        self.server_cpu_s = None if server_cpu_s is None or self.server_cpu_s is None \
+            else self.server_cpu_s + server_cpu_s
+        self.client_cpu_s += client_cpu_s
+
+    def point(self, server: str, encoding: str, concurrency: int, batch: int) -> Point:
+        return Point(server, encoding, concurrency, batch, self.stats.summary(self.seconds), self.server_cpu_s,
+                     self.client_cpu_s)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-class ServerProcess:
-    """`digits serve` in a subprocess on a free 127.0.0.1 port; a context manager."""
-
-    def __init__(self, model: Path, threads: int, extra: Sequence[str] = ()) -> None:
-        self.port = free_port()
-        self._log = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115  (lives as long as the server)
-        self._args = [sys.executable, "-m", "service.cli", "serve", "--model", str(model), "--host", "127.0.0.1",
-                      "--port", str(self.port), "--metrics-port", "0", "--threads", str(threads),
-                      "--log-level", "warning", *extra]
-        self.process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def target(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def __enter__(self) -> ServerProcess:
-        self.process = subprocess.Popen(self._args, stdin=subprocess.DEVNULL, stdout=self._log, stderr=self._log)
-        deadline = time.monotonic() + 120
-        from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-        with grpc.insecure_channel(self.target) as channel:
-            stub = health_pb2_grpc.HealthStub(channel)
-            while True:
-                if self.process.poll() is not None:
-                    raise RuntimeError(f"server exited with {self.process.returncode}: {self._tail()}")
-                try:
-                    reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=1.0)
-                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                        return self
-                except grpc.RpcError:
-                    pass
-                if time.monotonic() > deadline:
-                    self.__exit__()
-                    raise RuntimeError(f"server not SERVING after 120 s: {self._tail()}")
-                time.sleep(0.05)
-
-    def cpu_s(self) -> float | None:
-        return None if self.process is None else process_tree_cpu_s(self.process.pid)
-
-    def _tail(self) -> str:
-        self._log.seek(0)
-        return self._log.read()[-2000:]
-
-    def __exit__(self, *exc: object) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(5)
-        self._log.close()
-
-
-class EchoServer:
-    """The trivial grpc.aio servicer (bytes in, 64 bytes out) in its own process: the bare round trip."""
-
-    def __enter__(self) -> EchoServer:
-        self.process = subprocess.Popen([sys.executable, "-m", "service.bench", "echo"], stdin=subprocess.DEVNULL,
-                                        stdout=subprocess.PIPE, text=True)
-        assert self.process.stdout is not None
-        line = self.process.stdout.readline().strip()
-        if not line.isdigit():
-            self.__exit__()
-            raise RuntimeError(f"echo server did not start (said {line!r})")
-        self.target = f"127.0.0.1:{line}"
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(5)
-
-
-async def _echo(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
-    return ECHO_REPLY
-
-
-async def _serve_echo() -> None:
-    server = grpc.aio.server()
-    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(
-        "bench.Echo", {"Echo": grpc.unary_unary_rpc_method_handler(_echo)})])
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    print(port, flush=True)
-    stop = asyncio.Event()
-    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
-    await stop.wait()
-    await server.stop(0)
-
-
-def load_point(target: str, requests: Sequence[PreparedRequest], concurrency: int, opts: BenchOptions,
-               cpu: Any = None, method: str | None = None, parse: Any = None) -> tuple[Summary, float | None, float]:
-    """Warm up, then measure one closed-loop load point: (summary, server CPU s, client CPU s)."""
-    extra: dict[str, Any] = {}
-    if method is not None:
-        extra = {"method": method, "parse": parse}
+def measure_once(target: str, requests: Sequence[PreparedRequest], concurrency: int, opts: BenchOptions,
+                 tally: _Tally, cpu: Any = None, method: str | None = None, parse: Any = None) -> Summary:
+    """Warm up, then measure one closed-loop load point once, adding it to `tally`."""
+    extra: dict[str, Any] = {} if method is None else {"method": method, "parse": parse}
     # 8 connections where there is the concurrency for them: SO_REUSEPORT spreads connections, so with
     # --workers 2 that leaves a 1-in-128 chance, not 1-in-8, that one worker gets them all.
     connections = min(concurrency, 8)
     warm = LoadSpec(target=target, concurrency=concurrency, duration_s=opts.warmup_s, connections=connections)
     asyncio.run(LoadGenerator(warm, requests, **extra).run())
-    spec = LoadSpec(target=target, concurrency=concurrency, duration_s=opts.measure_s, connections=connections)
-    cpu_before = cpu() if cpu else None
-    client_before = time.process_time()
-    summary = asyncio.run(LoadGenerator(spec, requests, **extra).run())
-    client_cpu = time.process_time() - client_before
-    cpu_after = cpu() if cpu else None
+    spec = LoadSpec(target=target, concurrency=concurrency, duration_s=opts.measure_s / opts.rounds,
+                    connections=connections)
+    generator = LoadGenerator(spec, requests, **extra)
+    cpu_before, client_before = cpu() if cpu else None, time.process_time()
+    summary = asyncio.run(generator.run())
+    client_cpu, cpu_after = time.process_time() - client_before, cpu() if cpu else None
     server_cpu = None if cpu_before is None or cpu_after is None else cpu_after - cpu_before
-    return summary, server_cpu, client_cpu
-
-
-def measure_server(results: BenchResults, name: str, model: Path, extra: Sequence[str],
-                   points: Sequence[tuple[str, int, int]], requests: dict[tuple[str, int], list[PreparedRequest]],
-                   log: Any, threads: int | None = None) -> None:
-    """Start one server configuration and measure `points` (encoding, concurrency, batch) against it."""
-    opts = results.options
-    with ServerProcess(model, threads or results.threads, extra) as server:
-        for encoding, concurrency, batch in points:
-            summary, server_cpu, client_cpu = load_point(server.target, requests[encoding, batch], concurrency,
-                                                         opts, server.cpu_s)
-            point = Point(name, encoding, concurrency, batch, summary, server_cpu, client_cpu)
-            results.points.append(point)
-            log(f"  {name:14s} {encoding:3s} c{concurrency:<3d} x{batch:<3d} {summary.images_per_s:10,.0f} img/s  "
-                f"p50 {summary.latency_s['p50'] * 1e3:7.2f} ms  p99 {summary.latency_s['p99'] * 1e3:7.2f} ms  "
-                f"errors {summary.error_count}")
+    tally.add(generator.stats, summary.duration_s, server_cpu, client_cpu)
+    return summary
 
 
 def accuracy(model_path: Path, images: ImageSet) -> float | None:
@@ -309,8 +190,27 @@ def accuracy(model_path: Path, images: ImageSet) -> float | None:
     return float((probabilities.argmax(axis=1) == np.array([label for _, label in arrays])).mean())
 
 
+def server_plan(opts: BenchOptions, threads: int) -> list[tuple[str, Path, list[str], int, list[tuple[str, int, int]]]]:
+    """(name, model, extra flags, threads, points) of every server configuration to measure."""
+    every = [(enc, c, b) for c, b in LOAD_POINTS for enc in ENCODINGS]
+    scaling = [("raw", 64, 1), ("raw", 4, 64)]
+    plan = [("batching off", opts.model, ["--max-batch-size", "1"], threads, every),
+            ("batching on", opts.model, [], threads, every)]
+    # The CPUs are shared out between the workers, as `--threads 0` does.
+    plan += [(f"{w} workers", opts.model, ["--workers", str(w)], max(1, threads // w), scaling)
+             for w in opts.workers if w > 1]
+    if opts.int8_model is not None and opts.int8_model.is_file():
+        plan.append(("int8", opts.int8_model, [], threads, scaling))
+    return plan
+
+
 def run_bench(opts: BenchOptions, log: Any = print) -> BenchResults:
-    """Measure everything; returns the results (`benchreport.write_report` renders them)."""
+    """Measure everything; returns the results (`benchreport.write_report` renders them).
+
+    Every server runs at once, idle but for the one being measured; each round visits every load point
+    and measures all servers there back to back (in alternating order), raw then PNG, so that the
+    ratios compare figures taken under the same machine load even when other work comes and goes.
+    """
     from service.benchreport import describe_machine
 
     started = time.perf_counter()
@@ -322,48 +222,45 @@ def run_bench(opts: BenchOptions, log: Any = print) -> BenchResults:
     seconds = 0.2 if opts.quick else 1.0
     log(f"ceiling: in-process onnxruntime, {threads} threads")
     results.ceiling, results.single_run_s = measure_ceiling(opts.model, threads, digits, seconds)
-    requests = {(enc, batch): prepare_requests(images, batch, enc, max_requests=64)
-                for enc in ENCODINGS for batch in sorted({b for _, b in LOAD_POINTS})}
-    log("bare grpc.aio round trip (trivial servicer)")
-    # The same one-image request bytes as the server gets; the echo's reply is checked for 0 images.
-    probe = PreparedRequest(requests["raw", 1][0].data, np.empty(0, dtype=np.int64), 0)
-    with EchoServer() as echo:
-        results.echo, _, _ = load_point(echo.target, [probe], 1, opts, method=ECHO_METHOD, parse=lambda _: [])
-    # raw and PNG back to back at each load point: their CPU ratio is then measured under the same load.
-    every = [(enc, c, b) for c, b in LOAD_POINTS for enc in ENCODINGS]
-    log("server: dynamic batching off, then on")
-    measure_server(results, "batching off", opts.model, ["--max-batch-size", "1"], every, requests, log)
-    measure_server(results, "batching on", opts.model, [], every, requests, log)
-    scaling = [("raw", 64, 1), ("raw", 4, 64)]
-    for workers in opts.workers:
-        if workers > 1:
-            log(f"server: {workers} workers")
-            # The CPUs are shared out between the workers, as `--threads 0` does.
-            measure_server(results, f"{workers} workers", opts.model, ["--workers", str(workers)], scaling,
-                           requests, log, threads=max(1, threads // workers))
-    if (fp32 := accuracy(opts.model, images)) is not None:
-        results.accuracy["fp32"] = fp32
     if opts.int8_model is not None and opts.int8_model.is_file():
-        log(f"int8 model {opts.int8_model}")
         results.int8_ceiling, _ = measure_ceiling(opts.int8_model, threads, digits, seconds, (1, 64, 256))
-        measure_server(results, "int8", opts.int8_model, [], [("raw", 4, 64), ("raw", 64, 1)], requests, log)
-        if (int8 := accuracy(opts.int8_model, images)) is not None:
-            results.accuracy["int8"] = int8
     elif opts.int8_model is not None:
         results.notes.append(f"int8 model {opts.int8_model} not found: int8 not measured "
                              "(make it with `digits export --quantize int8`)")
+    requests = {(enc, batch): prepare_requests(images, batch, enc, max_requests=64)
+                for enc in ENCODINGS for batch in sorted({b for _, b in LOAD_POINTS})}
+    # The same one-image request bytes as the server gets; the echo's reply is checked for 0 images.
+    probe = PreparedRequest(requests["raw", 1][0].data, np.empty(0, dtype=np.int64), 0)
+    plan = server_plan(opts, threads)
+    tallies: dict[tuple[str, str, int, int], _Tally] = {}
+    echo_tally = _Tally()
+    with contextlib.ExitStack() as stack:
+        echo = stack.enter_context(EchoServer())
+        servers = {name: stack.enter_context(ServerProcess(model, count, extra))
+                   for name, model, extra, count, _ in plan}
+        points = {name: pts for name, *_, pts in plan}
+        for round_ in range(opts.rounds):
+            log(f"round {round_ + 1} of {opts.rounds}")
+            for concurrency, batch in LOAD_POINTS:
+                if (concurrency, batch) == (1, 1):
+                    measure_once(echo.target, [probe], 1, opts, echo_tally, method=ECHO_METHOD, parse=lambda _: [])
+                if batch == 64:  # the ceiling the batched point is held against, measured right beside it
+                    results.paired_ceiling.append(measure_ceiling(opts.model, threads, digits, seconds, (64,))[0][64])
+                for encoding in ENCODINGS:
+                    names = [n for n in servers if (encoding, concurrency, batch) in points[n]]
+                    for name in (names if round_ % 2 == 0 else names[::-1]):
+                        tally = tallies.setdefault((name, encoding, concurrency, batch), _Tally())
+                        summary = measure_once(servers[name].target, requests[encoding, batch], concurrency,
+                                               opts, tally, servers[name].cpu_s)
+                        log(f"  {name:14s} {encoding:3s} c{concurrency:<3d} x{batch:<3d} "
+                            f"{summary.images_per_s:10,.0f} img/s  p50 {summary.latency_s['p50'] * 1e3:7.2f} ms  "
+                            f"p99 {summary.latency_s['p99'] * 1e3:7.2f} ms  errors {summary.error_count}")
+    results.echo = echo_tally.stats.summary(echo_tally.seconds)
+    results.points = [tally.point(*key) for key, tally in sorted(
+        tallies.items(), key=lambda kv: ([n for n, *_ in plan].index(kv[0][0]),
+                                         LOAD_POINTS.index(kv[0][2:]), ENCODINGS.index(kv[0][1])))]
+    for label, path in (("fp32", opts.model), ("int8", opts.int8_model)):
+        if path is not None and path.is_file() and (value := accuracy(path, images)) is not None:
+            results.accuracy[label] = value
     results.seconds = time.perf_counter() - started
     return results
-
-
-def main(argv: Sequence[str]) -> int:
-    """`python -m service.bench echo`: the trivial servicer used for the bare round trip."""
-    if list(argv) != ["echo"]:
-        print("usage: python -m service.bench echo", file=sys.stderr)
-        return 2
-    asyncio.run(_serve_echo())
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
