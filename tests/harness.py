@@ -114,3 +114,21 @@ class ServerThread:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def is_serving(target: str) -> bool:
+    """True when the server at `target` answers its gRPC health check with SERVING."""
+    import grpc
+
+    from service.client import DigitsClient
+
+    try:
+        with DigitsClient(target, timeout=2) as client:
+            return client.health() == "SERVING"
+    except grpc.RpcError:
+        return False
+
+
+def wait_serving(target: str, timeout: float = 60.0) -> None:
+    """Wait for a server started as a subprocess to report SERVING (fails the test after `timeout`)."""
+    wait_until(lambda: is_serving(target), timeout=timeout, what=f"{target} SERVING")

@@ -19,9 +19,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service.client import DigitsClient, to_image
+from service.client import to_image
 from service.gen.digits.v1 import digits_pb2, digits_pb2_grpc
-from tests.harness import SHIPPED_MODEL, ServerThread, fixture_digits, free_port, render, wait_until
+from tests.harness import SHIPPED_MODEL, ServerThread, fixture_digits, free_port, render, wait_serving
 
 DIGITS, _ = fixture_digits()
 GOOD = to_image(DIGITS[0])
@@ -149,15 +149,7 @@ def test_every_limit_is_set_by_environment_through_the_cli(tmp_path) -> None:
     marker = b"Zq9XkW3pLmQ7"
     try:
         target = f"127.0.0.1:{port}"
-
-        def serving() -> bool:
-            try:
-                with DigitsClient(target, timeout=2) as client:
-                    return client.health() == "SERVING"
-            except grpc.RpcError:
-                return False
-
-        wait_until(serving, timeout=60, what="server SERVING")
+        wait_serving(target)
         with grpc.insecure_channel(target, options=[("grpc.max_send_message_length", 1 << 24)]) as channel:
             assert len(recognize(channel, [GOOD, GOOD]).predictions) == 2
             assert len(recognize(channel, [digits_pb2.Image(encoded=render(DIGITS[0], 80, (100, 100), (10, 10)))]

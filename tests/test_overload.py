@@ -31,7 +31,7 @@ from service.client import DigitsClient, to_image
 from service.gen.digits.v1 import digits_pb2, digits_pb2_grpc
 from service.model_metadata import ModelMetadata
 from service.preprocess import normalize
-from tests.harness import SHIPPED_MODEL, ServerThread, fixture_digits, free_port, wait_until
+from tests.harness import SHIPPED_MODEL, ServerThread, fixture_digits, free_port, wait_serving, wait_until
 
 IMAGES, _ = fixture_digits()
 PER_REQUEST = 16
@@ -156,14 +156,7 @@ def test_overload_is_refused_fast_bounded_and_recovers(tmp_path) -> None:
         stderr=log)
     target = f"127.0.0.1:{port}"
     try:
-        def serving() -> bool:
-            try:
-                with DigitsClient(target, timeout=2) as client:
-                    return client.health() == "SERVING"
-            except grpc.RpcError:
-                return False
-
-        wait_until(serving, timeout=60, what="server SERVING")
+        wait_serving(target)
         with DigitsClient(target, timeout=10) as client:  # warm: the first calls allocate
             for _ in range(20):
                 client.recognize(list(IMAGES[:PER_REQUEST]))

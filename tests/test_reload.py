@@ -34,7 +34,7 @@ from service.gen.digits.v1 import digits_pb2, digits_pb2_grpc
 from service.model import ModelLoadError
 from service.model_metadata import ModelMetadata
 from service.preprocess import normalize
-from tests.harness import SHIPPED_MODEL, ServerThread, fixture_digits, free_port, wait_until
+from tests.harness import SHIPPED_MODEL, ServerThread, fixture_digits, free_port, wait_serving, wait_until
 from tests.test_startup_faults import build_model, shipped_metadata
 
 IMAGES, _ = fixture_digits()
@@ -212,23 +212,13 @@ def _serve(model: Path, port: int, metrics_port: int, *extra: str) -> subprocess
         stderr=subprocess.PIPE, text=True)
 
 
-def _serving(target: str) -> bool:
-    from service.client import DigitsClient
-
-    try:
-        with DigitsClient(target, timeout=2) as client:
-            return client.health() == "SERVING"
-    except grpc.RpcError:
-        return False
-
-
 def test_sighup_reloads_the_replaced_file_and_refuses_a_broken_one(versions, tmp_path) -> None:
     served = Path(shutil.copy(versions.v1, tmp_path / "model.onnx"))
     port, metrics_port = free_port(), free_port()
     proc = _serve(served, port, metrics_port)
     target = f"127.0.0.1:{port}"
     try:
-        wait_until(lambda: _serving(target), timeout=60, what="server SERVING")
+        wait_serving(target)
         traffic = Traffic(target, versions).start(unary_clients=2)
         try:
             wait_until(lambda: traffic.count(V1) >= 20, timeout=30, what="replies from v1")

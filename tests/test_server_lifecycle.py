@@ -24,7 +24,7 @@ from service.model import (
     choose_providers,
     load_model,
 )
-from tests.harness import SHIPPED_MODEL, ServerThread, fixture_digits, free_port, wait_until
+from tests.harness import SHIPPED_MODEL, ServerThread, fixture_digits, free_port, wait_serving, wait_until
 
 DIGIT = fixture_digits()[0][0]
 
@@ -142,13 +142,8 @@ def test_sigterm_exits_zero_after_serving(tmp_path: Path) -> None:
                              "--metrics-port", "0", "--log-format", "json"],
                             stderr=subprocess.PIPE, text=True)
     try:
+        wait_serving(f"127.0.0.1:{port}")
         with DigitsClient(f"127.0.0.1:{port}", timeout=5) as client:
-            def serving() -> bool:
-                try:
-                    return client.health() == "SERVING"
-                except grpc.RpcError:
-                    return False
-            wait_until(serving, timeout=60, what="server SERVING")
             assert client.recognize([DIGIT]).predictions[0].digit in range(10)
         proc.send_signal(signal.SIGTERM)
         _, stderr = proc.communicate(timeout=30)
