@@ -7,7 +7,8 @@ TORCH_PIN ?= torch==2.13.0
 PIP := $(BIN)/python -m pip install --disable-pip-version-check -q
 # Every install is held to the versions in constraints.txt (`make constraints` regenerates it).
 CONSTRAINTS := -c constraints.txt
-SERVE_ARGS ?=
+# `make serve` also opens the REST port with the draw-a-digit page.
+SERVE_ARGS ?= --http-port 8000
 PYTEST_ARGS ?=
 
 .PHONY: help serve test lint typecheck unit train evaluate proto bench fuzz audit constraints clean browser-deps prometheus-deps deploy-check
