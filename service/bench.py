@@ -30,7 +30,7 @@ from service.benchprocs import ECHO_METHOD, EchoServer, ServerProcess
 from service.loadsource import ImageSet, PreparedRequest, load_images, prepare_requests
 from service.loadstats import LoadStats, Summary, percentile
 from service.loadtest import LoadGenerator, LoadSpec
-from service.model import available_cpus, load_model
+from service.model import default_threads, load_model
 from service.preprocess import normalize
 
 LOAD_POINTS = ((1, 1), (16, 1), (64, 1), (4, 64))  # (concurrency, images per request)
@@ -45,7 +45,7 @@ class BenchOptions:
     model: Path
     int8_model: Path | None = None
     images: Path | None = None  # IDX or image folder; None: synthetic
-    threads: int = 0  # 0: the CPUs available to this process, as the server does
+    threads: int = 0  # 0: as the server does (service.model.default_threads)
     quick: bool = False
     workers: tuple[int, ...] = (1, 2)
 
@@ -214,7 +214,7 @@ def run_bench(opts: BenchOptions, log: Any = print) -> BenchResults:
     from service.benchreport import describe_machine
 
     started = time.perf_counter()
-    threads = opts.threads or available_cpus()
+    threads = opts.threads or default_threads()
     images = load_images(opts.images, synthetic=512)
     results = BenchResults(opts, threads, images.description, describe_machine())
     digits = np.stack([a for a in images.images if isinstance(a, np.ndarray) and a.shape == (28, 28)] or

@@ -37,7 +37,7 @@ class ServerConfig:
     device: str = _setting("auto", "execution provider: auto (CUDA if onnxruntime offers it, else CPU), cpu, cuda",
                            ("auto", "cpu", "cuda"))
     threads: int = _setting(0, "onnxruntime intra-op threads; 0 = the CPUs available to this process "
-                               "(cgroup quota and affinity aware)")
+                               "(cgroup quota and affinity aware) less one for the event loop, at least 1")
     max_batch_size: int = _setting(64, "most images coalesced into one session.run; 1 turns dynamic batching off")
     max_batch_delay_ms: float = _setting(2.0, "longest a queued image waits for company before its batch runs")
     max_queue: int = _setting(2048, "most images waiting for inference; beyond it requests get "

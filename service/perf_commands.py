@@ -114,7 +114,7 @@ def register_bench(subparsers: Any) -> None:
                         help="IDX or image folder to send (default: tests/fixtures/mnist-small when present, "
                              "else synthetic scribbles)")
     parser.add_argument("--threads", type=int, default=0,
-                        help="onnxruntime threads for servers and in-process runs (default: available CPUs)")
+                        help="onnxruntime threads for servers and in-process runs (default: as `digits serve`)")
     parser.add_argument("--workers", type=int, default=2, help="also measure this many workers (default 2; 1 skips)")
     parser.add_argument("--quick", action="store_true",
                         help="short load points (a smoke test, well under a minute); figures are noisy")

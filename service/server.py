@@ -26,7 +26,7 @@ from service.config import ServerConfig
 from service.gen.digits.v1 import digits_pb2
 from service.logs import fields
 from service.metrics import Metrics
-from service.model import ModelLoadError, available_cpus, load_model
+from service.model import ModelLoadError, load_model
 from service.recognizer import Recognizer
 from service.summary import SummaryLogger
 from service.watcher import ModelFileWatcher
@@ -114,7 +114,7 @@ class DigitsServer:
         self._ready = True
         log.info("serving", extra=fields(
             model=str(model.path), name=model.name, version=model.version, sha256=model.sha256,
-            providers=list(model.providers), threads=cfg.threads or available_cpus(),
+            providers=list(model.providers), threads=model.threads,
             max_batch_size=cfg.max_batch_size, max_batch_delay_ms=cfg.max_batch_delay_ms,
             max_queue=cfg.max_queue, grpc=f"{cfg.host}:{self.port}", tls=cfg.tls_cert is not None,
             metrics_port=self.metrics_port or None, load_seconds=round(model.load_seconds, 3),

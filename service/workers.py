@@ -7,7 +7,7 @@ connection therefore talks to one worker, and load balancers or clients with sev
 (`digits loadtest --connections`) use them all.
 
 Each worker is a complete server (its own model session, batcher and metrics); with ``--threads 0``
-each gets its share of the CPUs as onnxruntime threads (CPUs // N, at least 1). Metrics are per
+each gets its share of the CPUs as onnxruntime threads (`service.model.default_threads`). Metrics are per
 worker, on consecutive ports: worker i serves /metrics on ``--metrics-port + i`` (workers 0..N-1), and
 the fleet's figure is the sum over those targets (in Prometheus: ``sum without (instance) (...)``).
 Per-worker ports keep every metric exact, gauges and the model-info labels included, which the
@@ -36,7 +36,7 @@ from typing import Any
 
 from service.config import ServerConfig
 from service.logs import fields
-from service.model import available_cpus
+from service.model import default_threads
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ def worker_config(cfg: ServerConfig, index: int, port: int, cpus: int | None = N
     metrics_port = cfg.metrics_port + index if cfg.metrics_port else 0
     if metrics_port > 65535:
         raise ValueError(f"metrics-port {cfg.metrics_port} + {index} (worker {index}) is beyond 65535")
-    threads = cfg.threads or max(1, (cpus or available_cpus()) // cfg.workers)
+    threads = cfg.threads or default_threads(cfg.workers, cpus)
     return cfg.replace(port=port, metrics_port=metrics_port, threads=threads)
 
 

@@ -22,6 +22,7 @@ from service.model import (
     available_cpus,
     cgroup_cpu_quota,
     choose_providers,
+    default_threads,
     load_model,
 )
 from tests.harness import SHIPPED_MODEL, ServerThread, fixture_digits, free_port, wait_serving, wait_until
@@ -63,6 +64,9 @@ def test_thread_default_follows_affinity_and_cgroup_quota(tmp_path: Path) -> Non
     (tmp_path / "cpu.max").write_text("150000 100000\n")
     assert cgroup_cpu_quota(tmp_path) == 1.5
     assert available_cpus(tmp_path) == min(2, len(os.sched_getaffinity(0)))
+    # --threads 0 leaves one CPU per process to its event loop.
+    assert [default_threads(1, cpus) for cpus in (1, 2, 16)] == [1, 1, 15]
+    assert default_threads(8, 16) == 1
     (tmp_path / "cpu.max").write_text("max 100000\n")
     assert cgroup_cpu_quota(tmp_path) is None
     code = "import os; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); " \

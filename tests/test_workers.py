@@ -145,7 +145,7 @@ def test_each_worker_gets_its_own_metrics_port() -> None:
     assert {worker_config(cfg, i, 40000).port for i in range(3)} == {40000}
     assert worker_config(cfg.replace(metrics_port=0), 2, 1).metrics_port == 0
     # --threads 0: the CPUs are shared out, not given to every worker
-    assert [worker_config(cfg, 0, 1, cpus=c).threads for c in (16, 2)] == [5, 1]
+    assert [worker_config(cfg, 0, 1, cpus=c).threads for c in (16, 2)] == [4, 1]
     assert worker_config(cfg.replace(threads=3), 0, 1, cpus=16).threads == 3
     with pytest.raises(ValueError, match="beyond 65535"):
         worker_config(cfg.replace(metrics_port=65535), 1, 1)
