@@ -1,8 +1,8 @@
-"""A tiny reader for MNIST IDX files (plain or gzip), for `digits loadtest` on a server install.
+"""The MNIST IDX format reader (plain or gzip), shared by `digits loadtest` and the training package.
 
-`service` must not import `training` (which owns the strict reader used for training), so this is a
-deliberately small, still careful copy: magic number, dimensions and payload length are checked and
-every problem is an `IdxError` naming the file.
+It lives in `service` because `service` must not import `training` (training imports it instead). The
+reader never trusts a file: the magic number, the dimensions and the payload length are checked, and
+every problem is an `IdxError` naming the file, never a numpy or zlib traceback.
 """
 
 from __future__ import annotations
@@ -13,36 +13,68 @@ from pathlib import Path
 
 import numpy as np
 
-_DTYPES: dict[int, np.dtype] = {0x08: np.dtype(np.uint8), 0x09: np.dtype(np.int8), 0x0B: np.dtype(">i2"),
-           0x0C: np.dtype(">i4"), 0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
+# IDX type codes (third byte of the magic number) -> big-endian numpy dtype.
+IDX_DTYPES: dict[int, np.dtype] = {
+    0x08: np.dtype(np.uint8),
+    0x09: np.dtype(np.int8),
+    0x0B: np.dtype(">i2"),
+    0x0C: np.dtype(">i4"),
+    0x0D: np.dtype(">f4"),
+    0x0E: np.dtype(">f8"),
+}
+_GZIP_MAGIC = b"\x1f\x8b"
 # Where the image/label pairs may be found, in order of preference.
 PAIRS = (("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
          ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"))
 
 
 class IdxError(ValueError):
-    """An IDX file is missing, truncated or not IDX; the message names the file."""
+    """An IDX file is missing, truncated, corrupt or not IDX; the message names the file."""
 
 
-def read_idx(path: Path) -> np.ndarray:
-    """The array stored in one IDX file (``.gz`` is decompressed)."""
+def _read_bytes(path: Path) -> bytes:
+    """The decompressed content of `path`; gzip is recognised by suffix or by its magic bytes."""
     try:
-        data = path.read_bytes()
-        if data[:2] == b"\x1f\x8b":
-            data = gzip.decompress(data)
-    except (OSError, EOFError, zlib.error) as exc:
-        raise IdxError(f"{path}: cannot read: {exc}") from exc
-    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _DTYPES:
-        raise IdxError(f"{path}: not an IDX file (bad magic number)")
-    dtype, ndim = _DTYPES[data[2]], data[3]
-    header = 4 + 4 * ndim
-    if ndim == 0 or len(data) < header:
-        raise IdxError(f"{path}: truncated IDX header")
-    shape = tuple(int(v) for v in np.frombuffer(data, dtype=">u4", count=ndim, offset=4))
-    expected = header + int(np.prod(shape)) * dtype.itemsize
-    if len(data) != expected:
-        raise IdxError(f"{path}: payload is {len(data) - header} bytes, shape {shape} needs {expected - header}")
-    return np.frombuffer(data, dtype=dtype, offset=header).reshape(shape).astype(dtype.newbyteorder("="))
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise IdxError(f"{path}: file not found") from None
+    except OSError as exc:
+        raise IdxError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    if path.suffix == ".gz" or raw[:2] == _GZIP_MAGIC:
+        if raw[:2] != _GZIP_MAGIC:
+            raise IdxError(f"{path}: not a gzip file (bad gzip header) although the name ends in .gz")
+        try:
+            return gzip.decompress(raw)
+        except (OSError, EOFError, zlib.error) as exc:
+            # EOFError: the compressed stream ends early; BadGzipFile/zlib.error: corrupt data or CRC.
+            raise IdxError(f"{path}: corrupt or truncated gzip data ({exc})") from None
+    return raw
+
+
+def read_idx(path: str | Path) -> np.ndarray:
+    """Read any IDX file (raw or .gz) into a native-endian numpy array, validating header and length."""
+    path = Path(path)
+    data = _read_bytes(path)
+    if len(data) < 4:
+        raise IdxError(f"{path}: too short for an IDX header ({len(data)} bytes)")
+    zero, code, ndim = int.from_bytes(data[:2], "big"), data[2], data[3]
+    if zero != 0 or code not in IDX_DTYPES or ndim == 0:
+        raise IdxError(f"{path}: bad magic number 0x{data[:4].hex()} (not an IDX file)")
+    header_len = 4 + 4 * ndim
+    if len(data) < header_len:
+        raise IdxError(f"{path}: truncated header ({len(data)} bytes, IDX header needs {header_len})")
+    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    dtype = IDX_DTYPES[code]
+    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    actual = len(data) - header_len
+    if actual < expected:
+        raise IdxError(
+            f"{path}: truncated payload: header says shape {list(shape)} ({expected} bytes), file holds {actual} bytes"
+        )
+    if actual > expected:
+        raise IdxError(f"{path}: {actual - expected} trailing bytes after the payload of shape {list(shape)}")
+    array = np.frombuffer(data, dtype=dtype, offset=header_len).reshape(shape)
+    return array.astype(dtype.newbyteorder("="), copy=False)
 
 
 def find_pair(folder: Path) -> tuple[Path, Path | None] | None:

@@ -64,15 +64,20 @@ def to_pixels(payload: Payload, side: int = 28, max_pixels: int = 25_000_000,
     Raw pixels of exactly side x side are taken as they are (only normalized later); everything else
     goes through `mnist_recipe`. Raises ImageError / ImageTooLarge naming the problem.
     """
+    array, ready = _source(payload, side, max_pixels)
+    fitted = array if ready else mnist_recipe(array, side)
+    return fitted if ink_polarity == "light_on_dark" else _invert(fitted)
+
+
+def _source(payload: Payload, side: int, max_pixels: int) -> tuple[np.ndarray, bool]:
+    """(array, ready): raw side x side pixels are ready as sent; anything else comes back as 8-bit
+    grayscale that still needs `mnist_recipe`."""
     if isinstance(payload, RawImage):
         pixels = raw_pixels(payload, max_pixels)
         if pixels.shape == (side, side):
-            return pixels if ink_polarity == "light_on_dark" else _invert(pixels)
-        gray = pixels if pixels.dtype == np.uint8 else np.rint(pixels * 255).astype(np.uint8)
-    else:
-        gray = decode(payload, max_pixels)
-    fitted = mnist_recipe(gray, side)
-    return fitted if ink_polarity == "light_on_dark" else _invert(fitted)
+            return pixels, True
+        return (pixels if pixels.dtype == np.uint8 else np.rint(pixels * 255).astype(np.uint8)), False
+    return decode(payload, max_pixels), False
 
 
 def to_pixel_batch(payloads: Sequence[Payload], side: int = 28, max_pixels: int = 25_000_000,
@@ -96,18 +101,14 @@ def to_pixel_batch(payloads: Sequence[Payload], side: int = 28, max_pixels: int 
     by_shape: dict[tuple[int, ...], list[tuple[int, np.ndarray]]] = {}
     for index, payload in enumerate(payloads):
         try:
-            if isinstance(payload, RawImage):
-                raw = raw_pixels(payload, max_pixels)
-                if raw.shape == (side, side):
-                    pixels[index] = raw if plain else _invert(raw)
-                    continue
-                gray = raw if raw.dtype == np.uint8 else np.rint(raw * 255).astype(np.uint8)
-            else:
-                gray = decode(payload, max_pixels)
+            array, ready = _source(payload, side, max_pixels)
         except ImageError as exc:
             exc.index = index
             raise
-        by_shape.setdefault(gray.shape, []).append((index, gray))
+        if ready:
+            pixels[index] = array if plain else _invert(array)
+        else:
+            by_shape.setdefault(array.shape, []).append((index, array))
     for shape, items in by_shape.items():
         if len(items) > 1 and shape[0] * shape[1] <= BATCH_RECIPE_PIXELS:
             fitted = list(mnist_recipe_batch(np.stack([gray for _, gray in items]), side))

@@ -1,7 +1,7 @@
-"""MNIST in the IDX format: strict reading, writing, locating the files and the deterministic splits.
+"""MNIST in the IDX format: image and label files, writing, locating the files and the deterministic splits.
 
-The reader never trusts a file: the magic number, the dimensions and the payload length are checked,
-and every problem becomes a `DataError` that names the file, instead of a numpy or zlib traceback.
+Files are read by the strict reader in `service.idx`; on top of it this module checks what MNIST needs
+(uint8 28x28 images, labels 0..9, matching counts). Every problem is a `DataError` naming the file.
 Nothing here imports torch, so `digits evaluate` works on a server install.
 """
 
@@ -9,17 +9,14 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 
+from service.idx import IDX_DTYPES, IdxError, read_idx
 from service.model_metadata import Normalization
-
-Split = Literal["train", "test"]
 
 NUM_CLASSES = 10
 IMAGE_SIZE = 28
@@ -37,21 +34,10 @@ SPLIT_FILES: dict[str, tuple[str, str]] = {
 # Where the files may sit inside --data-dir: directly, or torchvision's MNIST/raw layout.
 SEARCH_SUBDIRS = (".", "MNIST/raw", "raw")
 
-# IDX type codes (third byte of the magic number) -> big-endian numpy dtype.
-_IDX_DTYPES: dict[int, np.dtype] = {
-    0x08: np.dtype(np.uint8),
-    0x09: np.dtype(np.int8),
-    0x0B: np.dtype(">i2"),
-    0x0C: np.dtype(">i4"),
-    0x0D: np.dtype(">f4"),
-    0x0E: np.dtype(">f8"),
-}
-_IDX_CODES = {dtype: code for code, dtype in _IDX_DTYPES.items()}
-_GZIP_MAGIC = b"\x1f\x8b"
+_IDX_CODES = {dtype: code for code, dtype in IDX_DTYPES.items()}
 
-
-class DataError(ValueError):
-    """A data file is missing, truncated, corrupt or inconsistent; the message names the file."""
+# One error type for every data problem: the shared IDX reader's (a ValueError naming the file).
+DataError = IdxError
 
 
 @dataclass(frozen=True)
@@ -79,51 +65,6 @@ class Digits:
 
 
 # --- reading ---------------------------------------------------------------------------------------
-
-
-def _read_bytes(path: Path) -> bytes:
-    """The decompressed content of `path`; gzip is recognised by suffix or by its magic bytes."""
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise DataError(f"{path}: file not found") from None
-    except OSError as exc:
-        raise DataError(f"{path}: cannot read: {exc.strerror or exc}") from None
-    if path.suffix == ".gz" or raw[:2] == _GZIP_MAGIC:
-        if raw[:2] != _GZIP_MAGIC:
-            raise DataError(f"{path}: not a gzip file (bad gzip header) although the name ends in .gz")
-        try:
-            return gzip.decompress(raw)
-        except (OSError, EOFError, zlib.error) as exc:
-            # EOFError: the compressed stream ends early; BadGzipFile/zlib.error: corrupt data or CRC.
-            raise DataError(f"{path}: corrupt or truncated gzip data ({exc})") from None
-    return raw
-
-
-def read_idx(path: str | Path) -> np.ndarray:
-    """Read any IDX file (raw or .gz) into a native-endian numpy array, validating header and length."""
-    path = Path(path)
-    data = _read_bytes(path)
-    if len(data) < 4:
-        raise DataError(f"{path}: too short for an IDX header ({len(data)} bytes)")
-    zero, code, ndim = int.from_bytes(data[:2], "big"), data[2], data[3]
-    if zero != 0 or code not in _IDX_DTYPES or ndim == 0:
-        raise DataError(f"{path}: bad magic number 0x{data[:4].hex()} (not an IDX file)")
-    header_len = 4 + 4 * ndim
-    if len(data) < header_len:
-        raise DataError(f"{path}: truncated header ({len(data)} bytes, IDX header needs {header_len})")
-    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
-    dtype = _IDX_DTYPES[code]
-    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    actual = len(data) - header_len
-    if actual < expected:
-        raise DataError(
-            f"{path}: truncated payload: header says shape {list(shape)} ({expected} bytes), file holds {actual} bytes"
-        )
-    if actual > expected:
-        raise DataError(f"{path}: {actual - expected} trailing bytes after the payload of shape {list(shape)}")
-    array = np.frombuffer(data, dtype=dtype, offset=header_len).reshape(shape)
-    return array.astype(dtype.newbyteorder("="), copy=False)
 
 
 def read_images(path: str | Path) -> np.ndarray:
