@@ -39,9 +39,7 @@ def to_payload(image: digits_pb2.Image, index: int) -> Payload:
 
 def predictions(recognition: Recognition) -> Iterator[digits_pb2.Prediction]:
     """One Prediction per image, in order."""
-    probabilities = recognition.probabilities
-    digits = probabilities.argmax(axis=1)
-    for row, digit in zip(probabilities.tolist(), digits.tolist(), strict=True):
+    for row, digit in zip(recognition.probabilities.tolist(), recognition.digits.tolist(), strict=True):
         yield digits_pb2.Prediction(digit=digit, confidence=row[digit], probabilities=row)
 
 

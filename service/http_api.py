@@ -359,8 +359,7 @@ def _input(tensor: dict[str, Any], binary: bytes, meta: Any) -> v2_tensors.Input
 
 
 def _prediction(recognition: Recognition) -> dict[str, Any]:
-    probabilities = recognition.probabilities[0]
-    digit = int(probabilities.argmax())
-    return {"digit": digit, "confidence": float(probabilities[digit]),
-            "probabilities": [float(p) for p in probabilities],
+    digit = int(recognition.digits[0])
+    return {"digit": digit, "confidence": float(recognition.confidences[0]),
+            "probabilities": recognition.probabilities[0].tolist(),
             "model": {"name": recognition.model.name, "version": recognition.model.version}}

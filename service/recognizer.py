@@ -5,6 +5,7 @@ REST) is a thin adapter over this class; it owns the current model, the batcher 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Sequence
@@ -49,11 +50,12 @@ class Recognition:
     probabilities: np.ndarray  # [n, classes]
     model: LoadedModel
 
-    @property
+    # Computed once per request: the metrics and the reply both need them.
+    @functools.cached_property
     def digits(self) -> np.ndarray:
         return self.probabilities.argmax(axis=1)
 
-    @property
+    @functools.cached_property
     def confidences(self) -> np.ndarray:
         return self.probabilities.max(axis=1)
 
