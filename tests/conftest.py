@@ -7,13 +7,10 @@ from typing import Any
 
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from tests.harness import FIXTURE_DIR as MNIST_SMALL
+from tests.harness import SHIPPED_MODEL
 
 # --- training fixtures ---
-
-MNIST_SMALL = REPO_ROOT / "tests" / "fixtures" / "mnist-small"
-"""500 train + 300 t10k real MNIST digits (see tests/fixtures/make_mnist_small.py)."""
-SHIPPED_MODEL = REPO_ROOT / "models" / "lenet5.onnx"
 
 
 @pytest.fixture(scope="session")

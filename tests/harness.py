@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import io
-import os
 import socket
 import threading
 import time
@@ -20,9 +19,9 @@ from service.config import ServerConfig
 from service.server import DigitsServer
 
 ROOT = Path(__file__).resolve().parent.parent
-# DIGITS_TEST_MODEL / DIGITS_TEST_DIGITS point the server tests at another model or digit folder.
-SHIPPED_MODEL = Path(os.environ.get("DIGITS_TEST_MODEL", ROOT / "models" / "lenet5.onnx"))
-FIXTURE_DIR = Path(os.environ.get("DIGITS_TEST_DIGITS", Path(__file__).resolve().parent / "fixtures" / "mnist-small"))
+SHIPPED_MODEL = ROOT / "models" / "lenet5.onnx"
+# 500 train + 300 t10k real MNIST digits (see tests/fixtures/make_mnist_small.py).
+FIXTURE_DIR = ROOT / "tests" / "fixtures" / "mnist-small"
 
 T = TypeVar("T")
 
