@@ -49,6 +49,7 @@ def process_tree_cpu_s(pid: int) -> float | None:
 
 
 def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (for servers that cannot bind port 0)."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import io
-import socket
 import threading
 import time
 from collections.abc import Callable, Coroutine
@@ -15,6 +14,7 @@ from typing import Any, TypeVar
 import numpy as np
 from PIL import Image
 
+from service.benchprocs import free_port as free_port  # re-exported: the tests take it from here
 from service.config import ServerConfig
 from service.server import DigitsServer
 
@@ -32,12 +32,6 @@ def fixture_digits(split: str = "t10k") -> tuple[np.ndarray, np.ndarray]:
 
     return (read_images(FIXTURE_DIR / f"{split}-images-idx3-ubyte.gz"),
             read_labels(FIXTURE_DIR / f"{split}-labels-idx1-ubyte.gz"))
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def render(digit: np.ndarray, size: int, canvas: tuple[int, int], offset: tuple[int, int],
