@@ -14,6 +14,7 @@ shares the port through SO_REUSEPORT and so balances connections, not calls, get
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -119,6 +120,7 @@ class LoadGenerator:
         self._stop_at = 0.0
         self._last_done = 0.0
         self._stopped_by = ""
+        self._last_report = 0.0  # when the progress interval now being counted began (0: not yet)
 
     async def run(self) -> Summary:
         spec = self.spec
@@ -149,8 +151,10 @@ class LoadGenerator:
             finally:
                 if reporter is not None:
                     reporter.cancel()
-                    if self._progress is not None and self._progress.isatty():
-                        self._progress.write("\n")  # end the live line
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await reporter
+                    # The last, partial interval: a run shorter than one interval still shows a line.
+                    self._write_progress(final=True)
         finally:
             await asyncio.gather(*(ch.close() for ch in channels))
         if not self._stopped_by:
@@ -233,15 +237,23 @@ class LoadGenerator:
                 out.write(f"\rwarming up, {left:.1f} s left   ")
                 out.flush()
             await asyncio.sleep(min(self._progress_interval, left))
-        last = time.perf_counter()
+        self._last_report = time.perf_counter()
         self.stats.interval(0.0)  # start the first interval here
         while True:
             await asyncio.sleep(self._progress_interval)
-            now = time.perf_counter()
-            line = self.stats.interval(now - last).progress_line(now - self._measure_from)
-            out.write("\r" + line if tty else line + "\n")
-            out.flush()
-            last = now
+            self._write_progress()
+
+    def _write_progress(self, final: bool = False) -> None:
+        """One progress line for the interval since the last one (a live line on a terminal)."""
+        out = self._progress
+        if out is None or not self._last_report:
+            return
+        now = time.perf_counter()
+        line = self.stats.interval(now - self._last_report).progress_line(now - self._measure_from)
+        tty = out.isatty()
+        out.write(("\r" + line if tty else line) + ("\n" if final or not tty else ""))
+        out.flush()
+        self._last_report = now
 
 
 def run_load(spec: LoadSpec, requests: Sequence[PreparedRequest], **kwargs: Any) -> Summary:
