@@ -7,7 +7,7 @@
 #   docker build --target train -t digits-train:1.0.0 .         # training job (torch, CPU)
 #
 # The server is configured only through DIGITS_* environment variables (the fields of
-# service/config.py); docs/deploy.md has the run commands. tests/test_deploy_docker.py lints this file
+# service/server/config.py); docs/deploy.md has the run commands. tests/deploy/test_docker.py lints this file
 # with hadolint and replays the `build` stage's install steps in a fresh venv.
 
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm

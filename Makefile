@@ -75,9 +75,9 @@ fuzz: $(VENV)/.dev-installed
 	  status=$$?; rm -rf $$corpus; grep -E '^(stat::|Done|==[0-9]+== ERROR)' runs/fuzz/last.log; \
 	  echo "fuzz: libFuzzer exit status $$status (full log: runs/fuzz/last.log)"; exit $$status; \
 	else echo "fuzz: atheris could not be installed (no wheel for this platform and no clang to build it);" \
-	  "running the hypothesis fuzz tests instead"; $(BIN)/pytest -q tests/test_fuzz.py; fi
+	  "running the hypothesis fuzz tests instead"; $(BIN)/pytest -q tests/api/test_fuzz.py; fi
 
-# tests/test_browser.py drives Debian's chromium through chromium-driver: install them where we can
+# tests/api/test_browser.py drives Debian's chromium through chromium-driver: install them where we can
 # (root and apt-get), never failing where we cannot; the browser test then skips and says why.
 BROWSER_PACKAGES := chromium chromium-driver
 APT_INSTALL := DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $(BROWSER_PACKAGES)
@@ -90,7 +90,7 @@ browser-deps:
 	else echo "chromium is not installed and apt-get needs root here; the browser test will skip"; fi
 
 # promtool (and prometheus) validate deploy/prometheus and run the dashboard queries in
-# tests/test_prometheus_grafana.py; Debian's `prometheus` package has both. Same rules as above:
+# tests/deploy/test_prometheus_grafana.py; Debian's `prometheus` package has both. Same rules as above:
 # installed where we are root with apt-get, never failing; without them those checks skip. (On a host
 # running systemd the package also enables a prometheus service on :9090; containers have none.)
 PROMETHEUS_INSTALL := DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus
@@ -109,7 +109,7 @@ test: lint unit
 
 # Dockerfile, compose stack and Kubernetes manifests (docs/deploy.md); no Docker engine or cluster needed.
 deploy-check: $(VENV)/.dev-installed
-	$(BIN)/pytest -q tests/test_deploy_docker.py tests/test_deploy_compose.py tests/test_deploy_k8s.py
+	$(BIN)/pytest -q tests/deploy/test_docker.py tests/deploy/test_compose.py tests/deploy/test_k8s.py
 
 DATA_DIR ?= ../shared/data/mnist-sample
 train: $(VENV)/.dev-installed

@@ -10,30 +10,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from service import config as config_module
+from service.client_flags import add_tls_client_flags, tls_from_args
+from service.server import config as config_module
 
 Subparsers = Any  # argparse's _SubParsersAction is private
-
-
-def _add_tls_client_flags(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("TLS (when the server uses --tls-cert)")
-    group.add_argument("--tls", action="store_true", help="connect with TLS (implied by --ca)")
-    group.add_argument("--ca", type=Path, help="PEM CA that signed the server certificate (default: system roots)")
-    group.add_argument("--cert", type=Path, help="PEM client certificate (mutual TLS)")
-    group.add_argument("--key", type=Path, help="PEM client key (mutual TLS)")
-    group.add_argument("--server-name", help="name to verify in the server certificate (default: from --server)")
-
-
-def tls_from_args(args: argparse.Namespace) -> Any:
-    """TlsOptions from the client flags, or None for plaintext; ValueError names a bad flag."""
-    from service.client import TlsOptions
-
-    if not (args.tls or args.ca or args.cert or args.key):
-        return None
-    for flag, path in (("--ca", args.ca), ("--cert", args.cert), ("--key", args.key)):
-        if path is not None and not path.is_file():
-            raise ValueError(f"{flag} {path}: no such file")
-    return TlsOptions(ca=args.ca, cert=args.cert, key=args.key, server_name=args.server_name)
 
 
 def register_serve(subparsers: Subparsers) -> None:
@@ -46,8 +26,8 @@ def register_serve(subparsers: Subparsers) -> None:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    from service import logs
-    from service.server import serve
+    from service.server.app import serve
+    from service.telemetry import logs
 
     try:
         cfg = config_module.from_sources(args)
@@ -56,7 +36,7 @@ def run_serve(args: argparse.Namespace) -> int:
         return 2
     logs.configure(cfg.log_format, cfg.log_level)
     if cfg.workers > 1:
-        from service.workers import run_workers
+        from service.server.workers import run_workers
 
         return run_workers(cfg)
     return asyncio.run(serve(cfg))
@@ -70,7 +50,7 @@ def register_predict(subparsers: Subparsers) -> None:
     parser.add_argument("--server", default="localhost:50051", help="host:port of the server")
     parser.add_argument("--json", action="store_true", help="print a JSON array instead of text lines")
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds before giving up")
-    _add_tls_client_flags(parser)
+    add_tls_client_flags(parser)
     parser.set_defaults(func=run_predict)
 
 
@@ -114,7 +94,7 @@ def register_health(subparsers: Subparsers) -> None:
     parser.add_argument("--server", default="localhost:50051", help="host:port of the server")
     parser.add_argument("--service", default="", help="service name to check (default: the whole server)")
     parser.add_argument("--timeout", type=float, default=3.0, help="seconds before giving up")
-    _add_tls_client_flags(parser)
+    add_tls_client_flags(parser)
     parser.set_defaults(func=run_health)
 
 
@@ -139,9 +119,8 @@ def run_health(args: argparse.Namespace) -> int:
 
 
 def register_performance(subparsers: Subparsers) -> None:
-    """`digits loadtest` and `digits bench` (service/perf_commands.py; imported here, late, because that
-    module reuses this one's TLS flags)."""
-    from service.perf_commands import register_bench, register_loadtest
+    """`digits loadtest` and `digits bench` (service/perf/commands.py)."""
+    from service.perf.commands import register_bench, register_loadtest
 
     register_loadtest(subparsers)
     register_bench(subparsers)

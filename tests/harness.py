@@ -4,19 +4,24 @@ thread, real fixture digits, and digits rendered the way clients send them."""
 from __future__ import annotations
 
 import asyncio
+import collections
 import io
 import threading
 import time
-from collections.abc import Callable, Coroutine
+import urllib.request
+from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
 
-from service.benchprocs import free_port as free_port  # re-exported: the tests take it from here
-from service.config import ServerConfig
-from service.server import DigitsServer
+from service.perf.benchprocs import free_port as free_port  # re-exported: the tests take it from here
+from service.server.app import DigitsServer
+from service.server.config import ServerConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED_MODEL = ROOT / "models" / "lenet5.onnx"
@@ -125,3 +130,92 @@ def is_serving(target: str) -> bool:
 def wait_serving(target: str, timeout: float = 60.0) -> None:
     """Wait for a server started as a subprocess to report SERVING (fails the test after `timeout`)."""
     wait_until(lambda: is_serving(target), timeout=timeout, what=f"{target} SERVING")
+
+
+# --- models built for a test: a valid signature and metadata, or one fault at a time ---
+
+
+def shipped_metadata(**changes: str) -> dict[str, str]:
+    """The shipped model's metadata_props (valid by construction), with `changes` applied."""
+    props = {p.key: p.value for p in onnx.load(str(SHIPPED_MODEL), load_external_data=False).metadata_props}
+    props.update(changes)
+    return props
+
+
+def build_model(path: Path, *, input_name: str = "image", input_shape: Sequence[int | str] = ("N", 1, 28, 28),
+                output_names: tuple[str, str] = ("logits", "probabilities"), fixed_reshape: bool = False,
+                metadata: dict[str, str] | None = None, seed: int = 0) -> Path:
+    """A linear digit "model" (flatten, matmul, softmax) with the given signature.
+
+    `fixed_reshape` flattens to [1, features]: the graph loads and runs for one image but fails on
+    a batch, which only the warm-up can discover.
+    """
+    features = int(np.prod([d for d in input_shape[1:] if isinstance(d, int)]))
+    rng = np.random.default_rng(seed)
+    weights = numpy_helper.from_array(rng.normal(0, 0.05, (features, 10)).astype(np.float32), "weights")
+    bias = numpy_helper.from_array(np.zeros(10, dtype=np.float32), "bias")
+    initializers = [weights, bias]
+    if fixed_reshape:
+        initializers.append(numpy_helper.from_array(np.array([1, features], dtype=np.int64), "flat_shape"))
+        flatten = helper.make_node("Reshape", [input_name, "flat_shape"], ["flat"])
+    else:
+        flatten = helper.make_node("Flatten", [input_name], ["flat"], axis=1)
+    nodes = [
+        flatten,
+        helper.make_node("MatMul", ["flat", "weights"], ["scores"]),
+        helper.make_node("Add", ["scores", "bias"], [output_names[0]]),
+        helper.make_node("Softmax", [output_names[0]], [output_names[1]], axis=1),
+    ]
+    graph = helper.make_graph(
+        nodes, "digits-test",
+        [helper.make_tensor_value_info(input_name, TensorProto.FLOAT, list(input_shape))],
+        [helper.make_tensor_value_info(name, TensorProto.FLOAT, ["N", 10]) for name in output_names],
+        initializer=initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    helper.set_model_props(model, metadata if metadata is not None else shipped_metadata())
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return path
+
+
+# --- /metrics as Prometheus reads it ---
+
+
+class Scrape:
+    """One GET of /metrics, parsed: sample name -> [(labels, value)], and each family's type."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.samples: dict[str, list[tuple[dict[str, str], float]]] = collections.defaultdict(list)
+        self.types: dict[str, str] = {}
+        for family in text_string_to_metric_families(text):
+            self.types[family.name] = family.type
+            for sample in family.samples:
+                self.samples[sample.name].append((dict(sample.labels), sample.value))
+
+    @property
+    def names(self) -> set[str]:
+        """Every sample name exported (histograms as their _bucket, _sum and _count series)."""
+        return set(self.samples)
+
+    def value(self, name: str, **labels: str) -> float:
+        """The one sample of `name` with exactly these labels (0 when the series does not exist)."""
+        found = [v for lab, v in self.samples.get(name, []) if lab == labels]
+        assert len(found) <= 1, f"{name}{labels} exported {len(found)} times"
+        return found[0] if found else 0.0
+
+    def by(self, name: str, label: str) -> dict[str, float]:
+        """`name`'s non-zero series keyed by one label's value."""
+        return {lab[label]: v for lab, v in self.samples.get(name, []) if v}
+
+    def total(self, name: str) -> float:
+        return sum(v for _, v in self.samples.get(name, []))
+
+
+def scrape(port: int) -> Scrape:
+    """GET http://127.0.0.1:`port`/metrics as Prometheus would."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        assert response.status == 200
+        assert response.headers["Content-Type"].startswith("text/plain")
+        return Scrape(response.read().decode())

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from service.config import ServerConfig, add_arguments, env_name, from_sources
-from service.model_metadata import MetadataError, ModelMetadata, Normalization
+from service.recognition.model_metadata import MetadataError, ModelMetadata, Normalization
+from service.server.config import ServerConfig, add_arguments, env_name, from_sources
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -36,7 +36,7 @@ def _needs_torch(command: str) -> int | None:
 # Exceptions whose message is meant for the user (anything else is a bug and keeps its traceback).
 _USER_ERRORS = (
     ("training.data", "DataError"),
-    ("service.model_metadata", "MetadataError"),
+    ("service.recognition.model_metadata", "MetadataError"),
     ("training.download", "DownloadError"),
     ("training.evaluate", "ModelError"),
     ("training.train", "TrainError"),

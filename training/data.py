@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from service.idx import IDX_DTYPES, IdxError, read_idx
-from service.model_metadata import Normalization
+from service.recognition.model_metadata import Normalization
 
 NUM_CLASSES = 10
 IMAGE_SIZE = 28

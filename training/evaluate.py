@@ -1,7 +1,7 @@
 """Measure an exported ONNX model on labelled IDX digits, exactly as the server would run it.
 
 Needs only onnxruntime and numpy (no torch): the input normalization comes from the model's own
-metadata and goes through the server's `service.preprocess.normalize`.
+metadata and goes through the server's `service.recognition.preprocess.normalize`.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from service.model_metadata import PROBABILITIES_OUTPUT, ModelMetadata
-from service.preprocess import normalize
+from service.recognition.model_metadata import PROBABILITIES_OUTPUT, ModelMetadata
+from service.recognition.preprocess import normalize
 from training.data import load_split
 
 

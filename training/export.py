@@ -24,14 +24,14 @@ import onnx
 import onnxruntime as ort
 import torch
 
-from service.model_metadata import (
+from service.recognition.model_metadata import (
     INPUT_NAME,
     LOGITS_OUTPUT,
     PROBABILITIES_OUTPUT,
     ModelMetadata,
     Normalization,
 )
-from service.preprocess import normalize
+from service.recognition.preprocess import normalize
 from training.model import ExportModule, LeNet5, count_parameters
 from training.train import load_checkpoint
 

@@ -33,8 +33,8 @@ from onnxruntime.quantization import (
     quantize_static,
 )
 
-from service.model_metadata import PROBABILITIES_OUTPUT, ModelMetadata
-from service.preprocess import normalize
+from service.recognition.model_metadata import PROBABILITIES_OUTPUT, ModelMetadata
+from service.recognition.preprocess import normalize
 
 CALIBRATION_DIGITS = 1000
 CALIBRATION_BATCH = 50
@@ -135,7 +135,7 @@ def quantize_model(fp32: Path, out: Path, calibration: np.ndarray, description: 
 
 def _check_servable(path: Path) -> None:
     """Load it exactly as `digits serve` does (signature, metadata, warm-up); refuse it otherwise."""
-    from service.model import ModelLoadError, load_model
+    from service.recognition.model import ModelLoadError, load_model
 
     try:
         load_model(path, "cpu", threads=1)

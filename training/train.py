@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from service.preprocess import normalize
+from service.recognition.preprocess import normalize
 from training.augment import AffineAugment
 from training.data import NORMALIZATION, SPLIT_SEED, Digits, Splits, prepare_splits, write_split
 from training.model import LeNet5

@@ -1,4 +1,4 @@
-"""atheris (libFuzzer) harness for the decoder path: `service.preprocess.to_pixels` on client bytes.
+"""atheris (libFuzzer) harness for the decoder path: `service.recognition.preprocess.to_pixels` on client bytes.
 
     python tests/fuzz/fuzz_decode.py -runs=20000 CORPUS_DIR    # `make fuzz` seeds a corpus and runs this
 
@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script from anywhere
 
-from service.preprocess import ImageError, Payload, RawImage, to_pixels
+from service.recognition.preprocess import ImageError, Payload, RawImage, to_pixels
 
 RAW_PREFIX = b"RAW:"
 MAX_PIXELS = 4_000_000
@@ -63,7 +63,7 @@ def main() -> None:
         from PIL import Image
 
         Image.init()  # import every format plugin inside the block, so coverage guides into them
-        import service.preprocess  # noqa: F401
+        import service.recognition.preprocess  # noqa: F401
     atheris.Setup(sys.argv, check)
     atheris.Fuzz()
 

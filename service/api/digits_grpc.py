@@ -1,0 +1,135 @@
+"""The `digits.v1.DigitRecognizer` servicer: translate protobuf to the core's types and back."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import grpc
+
+from service.api.tracking import RequestTracker, deadline_of
+from service.gen.digits.v1 import digits_pb2, digits_pb2_grpc
+from service.recognition.preprocess import Payload, RawImage
+from service.recognition.recognizer import Recognition, RecognizeError, Recognizer
+from service.telemetry.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+DTYPE_NAMES = {digits_pb2.DTYPE_UINT8: "uint8", digits_pb2.DTYPE_FLOAT32: "float32"}
+
+
+def to_payload(image: digits_pb2.Image, index: int) -> Payload:
+    """One protobuf Image -> the core's payload (bytes are referenced, not copied)."""
+    kind = image.WhichOneof("payload")
+    if kind == "encoded":
+        return image.encoded
+    if kind == "raw":
+        raw = image.raw
+        dtype = DTYPE_NAMES.get(raw.dtype)
+        if dtype is None:
+            raise RecognizeError("INVALID_ARGUMENT",
+                                 f"image {index}: raw pixels need dtype DTYPE_UINT8 or DTYPE_FLOAT32, got {raw.dtype}")
+        return RawImage(width=raw.width, height=raw.height, dtype=dtype, data=raw.data)
+    raise RecognizeError("INVALID_ARGUMENT", f"image {index}: has neither encoded bytes nor raw pixels")
+
+
+def predictions(recognition: Recognition) -> Iterator[digits_pb2.Prediction]:
+    """One Prediction per image, in order."""
+    for row, digit in zip(recognition.probabilities.tolist(), recognition.digits.tolist(), strict=True):
+        yield digits_pb2.Prediction(digit=digit, confidence=row[digit], probabilities=row)
+
+
+def model_ref(recognition: Recognition) -> digits_pb2.ModelRef:
+    return digits_pb2.ModelRef(name=recognition.model.name, version=recognition.model.version)
+
+
+class DigitRecognizerServicer(digits_pb2_grpc.DigitRecognizerServicer):
+    """Thin adapter: protobuf <-> Recognizer."""
+
+    def __init__(self, recognizer: Recognizer, metrics: Metrics) -> None:
+        self._recognizer = recognizer
+        self._metrics = metrics
+        self._unary = RequestTracker(metrics, "Recognize")
+        self._stream = RequestTracker(metrics, "RecognizeStream")
+
+    async def Recognize(self, request: digits_pb2.RecognizeRequest,
+                        context: grpc.aio.ServicerContext) -> digits_pb2.RecognizeResponse:
+        self._metrics.images.labels(rpc="Recognize").inc(len(request.images))
+        error: RecognizeError | None = None
+        deadline = deadline_of(context)
+        with self._unary.track(context.peer(), deadline) as outcome:
+            try:
+                payloads = [to_payload(image, i) for i, image in enumerate(request.images)]
+                recognition = await self._recognizer.recognize(payloads, deadline)
+            except RecognizeError as exc:
+                outcome["code"], outcome["reason"] = exc.code, exc.message
+                error = exc
+            else:
+                return digits_pb2.RecognizeResponse(predictions=predictions(recognition),
+                                                    model=model_ref(recognition))
+        assert error is not None
+        await context.abort(grpc.StatusCode[error.code], error.message)
+        raise AssertionError("unreachable: abort raises")
+
+    async def RecognizeStream(self, request_iterator: AsyncIterator[digits_pb2.StreamRequest],
+                              context: grpc.aio.ServicerContext) -> AsyncIterator[digits_pb2.StreamResponse]:
+        """Every image is recognized concurrently (so a stream's images batch together); answers
+        go out as they are ready, each carrying its request's id."""
+        answers: asyncio.Queue[digits_pb2.StreamResponse | None] = asyncio.Queue()
+        # Backpressure: stop reading the stream (HTTP/2 flow control does the rest) while this many
+        # of its images are unanswered.
+        window = asyncio.Semaphore(max(1, 4 * self._recognizer.config.max_batch_size))
+        deadline = deadline_of(context)
+        peer = context.peer()
+
+        async def answer(message: digits_pb2.StreamRequest) -> None:
+            try:
+                await answers.put(await self._one(message, deadline, peer))
+            finally:
+                window.release()
+
+        async def read() -> None:
+            tasks: set[asyncio.Task[None]] = set()
+            try:
+                async for message in request_iterator:
+                    await window.acquire()
+                    self._metrics.images.labels(rpc="RecognizeStream").inc()
+                    task = asyncio.create_task(answer(message))
+                    tasks.add(task)
+                    task.add_done_callback(tasks.discard)
+                if tasks:
+                    await asyncio.gather(*tasks)
+            finally:
+                for task in tasks:
+                    task.cancel()
+                await answers.put(None)
+
+        reader = asyncio.create_task(read())
+        try:
+            while (reply := await answers.get()) is not None:
+                yield reply
+            await reader  # surfaces a read error (e.g. a malformed message) as the stream's status
+        finally:
+            reader.cancel()
+
+    async def _one(self, message: digits_pb2.StreamRequest, deadline: float | None,
+                   peer: str) -> digits_pb2.StreamResponse:
+        with self._stream.track(peer, deadline) as outcome:
+            try:
+                if not message.HasField("image"):
+                    raise RecognizeError("INVALID_ARGUMENT", f"stream message {message.id!r} has no image")
+                recognition = await self._recognizer.recognize([to_payload(message.image, 0)], deadline)
+            except RecognizeError as exc:
+                outcome["code"], outcome["reason"] = exc.code, exc.message
+                model = self._recognizer.model
+                return digits_pb2.StreamResponse(
+                    id=message.id, error=digits_pb2.StreamError(code=exc.code, message=exc.message),
+                    model=digits_pb2.ModelRef(name=model.name, version=model.version))
+            prediction = next(predictions(recognition))
+            return digits_pb2.StreamResponse(id=message.id, prediction=prediction, model=model_ref(recognition))
+
+
+def add_to_server(servicer: DigitRecognizerServicer, server: Any) -> None:
+    digits_pb2_grpc.add_DigitRecognizerServicer_to_server(servicer, server)

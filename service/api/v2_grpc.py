@@ -1,0 +1,184 @@
+"""The Open Inference Protocol (KServe v2) over gRPC: `inference.GRPCInferenceService`, a thin adapter.
+
+Served on the same port as DigitRecognizer, through the same Recognizer (batcher, limits, metrics).
+Tensor rules live in `service.api.v2_tensors`, shared with the REST adapter. RPCs of Triton's superset
+that are not in the specification (repository, statistics, ...) answer UNIMPLEMENTED, as gRPC does
+for any method a server does not register.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+from google.protobuf import descriptor_pool
+
+from service.api import v2_tensors
+from service.api.tracking import RequestTracker, deadline_of
+from service.gen.inference import grpc_predict_v2_pb2 as pb
+from service.gen.inference import grpc_predict_v2_pb2_grpc as pb_grpc
+from service.recognition.recognizer import RecognizeError, Recognizer
+from service.telemetry.metrics import Metrics
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+SERVER_NAME = "digits"
+# Typed contents: the InferTensorContents field that carries each supported datatype.
+CONTENTS_FIELDS = {"FP32": "fp32_contents", "UINT8": "uint_contents"}
+
+
+def server_version() -> str:
+    try:
+        return importlib.metadata.version("digits")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
+    """Thin adapter: v2 protobuf <-> v2_tensors <-> Recognizer. `ready` reports the server's state."""
+
+    def __init__(self, recognizer: Recognizer, metrics: Metrics, ready: Callable[[], bool]) -> None:
+        self._recognizer = recognizer
+        self._metrics = metrics
+        self._ready = ready
+        self._tracker = RequestTracker(metrics, "ModelInfer")
+
+    async def ServerLive(self, request: pb.ServerLiveRequest,
+                         context: grpc.aio.ServicerContext) -> pb.ServerLiveResponse:
+        return pb.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request: pb.ServerReadyRequest,
+                          context: grpc.aio.ServicerContext) -> pb.ServerReadyResponse:
+        return pb.ServerReadyResponse(ready=self._ready())
+
+    async def ModelReady(self, request: pb.ModelReadyRequest,
+                         context: grpc.aio.ServicerContext) -> pb.ModelReadyResponse:
+        await self._check_model(request.name, request.version, context)
+        return pb.ModelReadyResponse(ready=self._ready())
+
+    async def ServerMetadata(self, request: pb.ServerMetadataRequest,
+                             context: grpc.aio.ServicerContext) -> pb.ServerMetadataResponse:
+        return pb.ServerMetadataResponse(name=SERVER_NAME, version=server_version(), extensions=[])
+
+    async def ModelMetadata(self, request: pb.ModelMetadataRequest,
+                            context: grpc.aio.ServicerContext) -> pb.ModelMetadataResponse:
+        await self._check_model(request.name, request.version, context)
+        model = self._recognizer.model
+        return pb.ModelMetadataResponse(
+            name=model.name, versions=[model.version], platform=v2_tensors.PLATFORM,
+            inputs=[_tensor_metadata(spec) for spec in v2_tensors.model_inputs(model.metadata)],
+            outputs=[_tensor_metadata(spec) for spec in v2_tensors.model_outputs(model)])
+
+    async def ModelInfer(self, request: pb.ModelInferRequest,
+                         context: grpc.aio.ServicerContext) -> pb.ModelInferResponse:
+        error: RecognizeError | None = None
+        deadline = deadline_of(context)
+        with self._tracker.track(context.peer(), deadline) as outcome:
+            try:
+                return await self._infer(request, deadline)
+            except RecognizeError as exc:
+                outcome["code"], outcome["reason"] = exc.code, exc.message
+                error = exc
+        assert error is not None
+        await context.abort(grpc.StatusCode[error.code], error.message)
+        raise AssertionError("unreachable: abort raises")
+
+    async def _infer(self, request: pb.ModelInferRequest, deadline: float | None) -> pb.ModelInferResponse:
+        model = self._recognizer.model
+        v2_tensors.check_model(model, request.model_name, request.model_version)
+        v2_tensors.check_input_names([tensor.name for tensor in request.inputs], model.metadata)
+        raw = len(request.raw_input_contents) > 0
+        tensor = _input(request, model.metadata, raw)
+        names = v2_tensors.select_outputs([out.name for out in request.outputs], model)
+        self._metrics.images.labels(rpc="ModelInfer").inc(tensor.count)
+        recognition = await v2_tensors.recognize(self._recognizer, tensor, deadline)
+        reply = pb.ModelInferResponse(model_name=recognition.model.name,
+                                      model_version=recognition.model.version, id=request.id)
+        for spec, array in v2_tensors.output_arrays(recognition, names):
+            out = reply.outputs.add(name=spec.name, datatype=spec.datatype, shape=spec.shape)
+            # The specification: answer in raw contents when the request used them (tritonclient
+            # reads only raw_output_contents), else in typed contents.
+            if raw:
+                reply.raw_output_contents.append(array.tobytes())
+            else:
+                out.contents.fp32_contents.extend(array.reshape(-1).tolist())
+        return reply
+
+    async def _check_model(self, name: str, version: str, context: grpc.aio.ServicerContext) -> None:
+        try:
+            v2_tensors.check_model(self._recognizer.model, name, version)
+        except RecognizeError as exc:
+            await context.abort(grpc.StatusCode[exc.code], exc.message)
+
+
+def _input(request: pb.ModelInferRequest, meta: Any, raw: bool) -> v2_tensors.InputTensor:
+    tensor = request.inputs[0]
+    if raw:
+        if len(request.raw_input_contents) != len(request.inputs):
+            raise RecognizeError(
+                "INVALID_ARGUMENT",
+                f"request has {len(request.raw_input_contents)} raw_input_contents for "
+                f"{len(request.inputs)} inputs; give one per input, in order")
+        if tensor.HasField("contents"):
+            raise RecognizeError(
+                "INVALID_ARGUMENT",
+                f"input {tensor.name!r} has both contents and raw_input_contents; use one of them")
+        return v2_tensors.from_raw(tensor.name, tensor.datatype, tensor.shape, request.raw_input_contents[0],
+                                   meta)
+    field = CONTENTS_FIELDS.get(tensor.datatype)
+    values = getattr(tensor.contents, field) if field else []
+    if field and not values:
+        present = [f.name for f, _ in tensor.contents.ListFields()]
+        if present:
+            raise RecognizeError(
+                "INVALID_ARGUMENT",
+                f"input {tensor.name!r} is {tensor.datatype}: its values go in contents.{field}, "
+                f"not {', '.join(present)}")
+    return v2_tensors.from_values(tensor.name, tensor.datatype, tensor.shape, values, meta)
+
+
+def _tensor_metadata(spec: v2_tensors.TensorSpec) -> pb.ModelMetadataResponse.TensorMetadata:
+    return pb.ModelMetadataResponse.TensorMetadata(name=spec.name, datatype=spec.datatype, shape=spec.shape)
+
+
+class ReflectionPool:
+    """Server reflection over protobuf's default pool plus the v2 stubs' own pool.
+
+    The v2 stubs live in a pool of their own (see proto/generate.py: tritonclient registers the same
+    `inference.*` symbols in the default one); this lets grpcurl and other reflection clients still
+    describe GRPCInferenceService. Only the lookups grpc_reflection makes are provided.
+    """
+
+    def __init__(self) -> None:
+        self._pools = (descriptor_pool.Default(), pb.DESCRIPTOR.pool)
+
+    def _first(self, method: str, *args: Any) -> Any:
+        missing: KeyError | None = None
+        for pool in self._pools:
+            try:
+                return getattr(pool, method)(*args)
+            except KeyError as exc:
+                missing = exc
+        assert missing is not None
+        raise missing
+
+    def FindFileByName(self, name: str) -> Any:
+        return self._first("FindFileByName", name)
+
+    def FindFileContainingSymbol(self, symbol: str) -> Any:
+        return self._first("FindFileContainingSymbol", symbol)
+
+    def FindMessageTypeByName(self, name: str) -> Any:
+        return self._first("FindMessageTypeByName", name)
+
+    # Extensions of a message live in the pool that holds the message.
+    def FindExtensionByNumber(self, message: Any, number: int) -> Any:
+        return message.file.pool.FindExtensionByNumber(message, number)
+
+    def FindAllExtensions(self, message: Any) -> Any:
+        return message.file.pool.FindAllExtensions(message)
+
+
+def add_to_server(servicer: InferenceServicer, server: Any) -> None:
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)

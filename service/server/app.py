@@ -1,0 +1,241 @@
+"""Wiring: model + recognizer + gRPC services + health + reflection + metrics + signals.
+
+Start-up order: load and warm the model, start the batcher, bind the ports, then report SERVING.
+Shutdown (SIGTERM/SIGINT): health turns NOT_SERVING, the gRPC server stops taking new calls and
+gives in-flight ones `grace_period_s` to finish, then the batcher drains and the process exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import ssl
+import time
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import start_http_server
+
+from service.api import digits_grpc, v2_grpc
+from service.api import http as http_api
+from service.gen.digits.v1 import digits_pb2
+from service.recognition.model import ModelLoadError, load_model
+from service.recognition.recognizer import Recognizer
+from service.server.config import ServerConfig
+from service.server.summary import SummaryLogger
+from service.server.watcher import ModelFileWatcher
+from service.telemetry.logs import fields
+from service.telemetry.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+DIGITS_SERVICE = digits_pb2.DESCRIPTOR.services_by_name["DigitRecognizer"].full_name
+
+
+class StartupError(RuntimeError):
+    """The server cannot start (bad model, port in use, ...); the message says why."""
+
+
+class DigitsServer:
+    """One server process: call `start()`, then `stop()` (or `run_until_signalled()`)."""
+
+    def __init__(self, config: ServerConfig, metrics: Metrics | None = None,
+                 available_providers: list[str] | None = None) -> None:
+        self.config = config
+        self.metrics = metrics or Metrics()
+        self._available = available_providers
+        self._grpc: grpc.aio.Server | None = None
+        self._health = health.aio.HealthServicer()
+        self._metrics_http: Any = None
+        self.recognizer: Recognizer | None = None
+        self._summary: SummaryLogger | None = None
+        self._watcher: ModelFileWatcher | None = None
+        self._reloads: set[asyncio.Task[None]] = set()  # SIGHUP reloads in progress (keep a reference)
+        self.port = 0
+        self.metrics_port = 0
+        self.http_port = 0
+        self._http: http_api.HttpApi | None = None
+        self._service_names: list[str] = [DIGITS_SERVICE, v2_grpc.SERVICE_NAME]
+        self._ready = False  # SERVING: between a finished start() and the beginning of stop()
+
+    async def start(self) -> None:
+        """Load the model, bind ports and report SERVING; raises StartupError on failure."""
+        cfg = self.config
+        try:
+            model = await asyncio.to_thread(load_model, cfg.model, cfg.device, cfg.threads, cfg.max_batch_size,
+                                            self._available)
+        except ModelLoadError as exc:
+            raise StartupError(str(exc)) from exc
+        except Exception as exc:  # a graph that loads but fails to run (onnxruntime's own error types)
+            raise StartupError(f"cannot load model {cfg.model}: {type(exc).__name__}: "
+                               f"{(str(exc).strip().splitlines() or [''])[0][:300]}") from exc
+        self.recognizer = Recognizer(model, cfg, self.metrics)
+        self.recognizer.start()
+        server = grpc.aio.server(options=self._grpc_options())
+        digits_grpc.add_to_server(digits_grpc.DigitRecognizerServicer(self.recognizer, self.metrics), server)
+        v2_grpc.add_to_server(v2_grpc.InferenceServicer(self.recognizer, self.metrics, lambda: self.ready), server)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        reflection.enable_server_reflection(
+            [*self._service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+             reflection.SERVICE_NAME], server, pool=v2_grpc.ReflectionPool())
+        address = f"{cfg.host}:{cfg.port}"
+        try:
+            self.port = self._bind(server, address)
+        except StartupError:
+            await self.recognizer.close()
+            raise
+        except RuntimeError as exc:
+            await self.recognizer.close()
+            raise StartupError(f"cannot listen on {address}: {exc} (is the port already in use?)") from exc
+        await server.start()
+        self._grpc = server
+        if cfg.metrics_port:
+            try:
+                self._metrics_http, _ = start_http_server(cfg.metrics_port, addr=cfg.host,
+                                                          registry=self.metrics.registry)
+            except OSError as exc:
+                await self.stop(grace=0)
+                raise StartupError(f"cannot serve metrics on {cfg.host}:{cfg.metrics_port}: {exc}") from exc
+            self.metrics_port = self._metrics_http.server_port
+        if cfg.http_port:
+            self._http = http_api.HttpApi(self.recognizer, self.metrics, lambda: self.ready,
+                                          max_message_bytes=cfg.max_message_bytes,
+                                          reuse_port=cfg.workers > 1)
+            try:
+                self.http_port = await self._http.start(cfg.host, cfg.http_port)
+            except OSError as exc:
+                self._http = None
+                await self.stop(grace=0)
+                raise StartupError(f"cannot serve HTTP on {cfg.host}:{cfg.http_port}: {exc}") from exc
+        for name in ("", *self._service_names):
+            await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self._ready = True
+        log.info("serving", extra=fields(
+            model=str(model.path), name=model.name, version=model.version, sha256=model.sha256,
+            providers=list(model.providers), threads=model.threads,
+            max_batch_size=cfg.max_batch_size, max_batch_delay_ms=cfg.max_batch_delay_ms,
+            max_queue=cfg.max_queue, grpc=f"{cfg.host}:{self.port}", tls=cfg.tls_cert is not None,
+            metrics_port=self.metrics_port or None, load_seconds=round(model.load_seconds, 3),
+            http_port=self.http_port or None,
+            low_confidence=cfg.low_confidence, summary_interval_s=cfg.summary_interval_s))
+        if cfg.tls_cert is not None and self.http_port:
+            log.warning("--http-port serves plain HTTP: --tls-cert covers the gRPC port only; bind HTTP to a "
+                        "private address or put a TLS-terminating proxy in front", extra=fields(
+                            http_port=self.http_port))
+        self._summary = SummaryLogger(self.metrics, cfg.summary_interval_s)
+        self._summary.start()
+        if cfg.watch:
+            self._watcher = ModelFileWatcher(cfg.model, lambda: self._reload(cfg.model), cfg.watch_interval_s)
+            self._watcher.start()
+
+    @property
+    def ready(self) -> bool:
+        """Serving requests: started and not stopping (the v2 readiness APIs report this)."""
+        return self._ready
+
+    def _grpc_options(self) -> list[tuple[str, Any]]:
+        cfg = self.config
+        return [
+            ("grpc.max_receive_message_length", cfg.max_message_bytes),
+            ("grpc.max_send_message_length", cfg.max_message_bytes),
+            ("grpc.max_concurrent_streams", cfg.max_concurrent_streams),
+            # gRPC turns SO_REUSEPORT on by default, which would let a second server silently share
+            # a port that is "in use"; only --workers N wants that.
+            ("grpc.so_reuseport", 1 if cfg.workers > 1 else 0),
+        ]
+
+    def _bind(self, server: grpc.aio.Server, address: str) -> int:
+        cfg = self.config
+        if cfg.tls_cert is None or cfg.tls_key is None:
+            return server.add_insecure_port(address)
+        try:
+            chain = cfg.tls_cert.read_bytes()
+            key = cfg.tls_key.read_bytes()
+            client_ca = cfg.tls_client_ca.read_bytes() if cfg.tls_client_ca else None
+        except OSError as exc:
+            raise StartupError(f"cannot read TLS files: {exc}") from exc
+        _check_tls_files(cfg)
+        credentials = grpc.ssl_server_credentials(
+            [(key, chain)], root_certificates=client_ca, require_client_auth=client_ca is not None)
+        return server.add_secure_port(address, credentials)
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Drain and stop: NOT_SERVING, refuse new calls, let in-flight ones finish within `grace`."""
+        grace = self.config.grace_period_s if grace is None else grace
+        started = time.monotonic()
+        self._ready = False
+        if self._watcher is not None:
+            await self._watcher.stop()
+            self._watcher = None
+        await self._health.enter_graceful_shutdown()
+        # gRPC and HTTP drain side by side, both before the batcher closes.
+        await asyncio.gather(*[s.stop(grace) for s in (self._grpc, self._http) if s is not None])
+        self._http = None
+        if self.recognizer is not None:
+            await self.recognizer.close()
+        if self._summary is not None:  # after the drain, so the drained requests are in it
+            await self._summary.stop()
+            self._summary = None
+        if self._metrics_http is not None:
+            self._metrics_http.shutdown()
+            self._metrics_http.server_close()
+            self._metrics_http = None
+        log.info("stopped", extra=fields(drain_seconds=round(time.monotonic() - started, 3)))
+
+    async def run_until_signalled(self) -> None:
+        """Serve until SIGTERM or SIGINT, then stop gracefully; SIGHUP reloads the model."""
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(signal.SIGHUP, self._reload_in_background)
+        await stop.wait()
+        log.info("shutdown signal received; draining", extra=fields(grace_seconds=self.config.grace_period_s))
+        await self.stop()
+
+    def _reload_in_background(self) -> None:
+        log.info("SIGHUP received; reloading the model")
+        task = asyncio.get_running_loop().create_task(self._reload(), name="reload")
+        self._reloads.add(task)
+        task.add_done_callback(self._reloads.discard)
+
+    async def _reload(self, path: Path | None = None) -> None:
+        if self.recognizer is None:
+            return
+        with contextlib.suppress(ModelLoadError):  # logged by the recognizer; the old model keeps serving
+            await self.recognizer.reload(path)
+
+
+def _check_tls_files(cfg: ServerConfig) -> None:
+    """Refuse unusable TLS files with a message naming them: gRPC itself only says "Failed to bind"."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        # The password callback makes an encrypted key fail here instead of prompting on the terminal;
+        # gRPC cannot use encrypted keys either.
+        context.load_cert_chain(str(cfg.tls_cert), str(cfg.tls_key), password=lambda: b"")
+    except (ssl.SSLError, ValueError) as exc:
+        raise StartupError(
+            f"--tls-cert {cfg.tls_cert} and --tls-key {cfg.tls_key} are not a PEM certificate chain and its "
+            f"matching unencrypted private key ({exc})") from exc
+    if cfg.tls_client_ca is not None:
+        try:
+            context.load_verify_locations(cafile=str(cfg.tls_client_ca))
+        except (ssl.SSLError, ValueError) as exc:
+            raise StartupError(f"--tls-client-ca {cfg.tls_client_ca} holds no PEM CA certificate ({exc})") from exc
+
+
+async def serve(config: ServerConfig) -> int:
+    """Run a server until signalled; returns the exit code (0 after a clean drain)."""
+    server = DigitsServer(config)
+    try:
+        await server.start()
+    except StartupError as exc:
+        log.error("cannot start: %s", exc)
+        return 1
+    await server.run_until_signalled()
+    return 0

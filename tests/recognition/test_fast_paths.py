@@ -1,0 +1,123 @@
+"""The performance work changed how the hot path computes, never what it answers: the batched
+preprocessing equals the image-by-image recipe exactly, and a server that stops waiting for company
+during sequential traffic still batches concurrent requests."""
+
+from __future__ import annotations
+
+import io
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+from PIL import Image
+
+from service.client import to_image
+from service.gen.digits.v1 import digits_pb2, digits_pb2_grpc
+from service.recognition.batcher import SEQUENTIAL_AFTER
+from service.recognition.preprocess import (
+    ImageError,
+    RawImage,
+    mnist_recipe,
+    mnist_recipe_batch,
+    to_pixel_batch,
+    to_pixels,
+)
+from tests.harness import ServerThread, fixture_digits
+
+
+def _reference(payloads: list, polarity: str = "light_on_dark") -> np.ndarray:
+    arrays_ = [to_pixels(p, ink_polarity=polarity) for p in payloads]
+    if len({a.dtype for a in arrays_}) > 1:
+        arrays_ = [a.astype(np.float32) / 255.0 if a.dtype == np.uint8 else a for a in arrays_]
+    return np.stack(arrays_)
+
+
+def _png(pixels: np.ndarray) -> bytes:
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, format="PNG")
+    return out.getvalue()
+
+
+def _placed(digits: np.ndarray, shape: tuple[int, int], seed: int) -> np.ndarray:
+    """Digits resized and placed at random on a canvas, half of them dark on light."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for digit in digits:
+        size = int(rng.integers(4, min(shape) + 1))
+        small = np.asarray(Image.fromarray(digit).resize((size, size), Image.Resampling.BILINEAR))
+        canvas = np.zeros(shape, dtype=np.uint8)
+        y, x = int(rng.integers(0, shape[0] - size + 1)), int(rng.integers(0, shape[1] - size + 1))
+        canvas[y:y + size, x:x + size] = small
+        out.append(canvas if rng.random() < 0.5 else 255 - canvas)
+    return np.stack(out)
+
+
+def test_batched_recipe_equals_the_per_image_recipe_on_real_digits() -> None:
+    images, _ = fixture_digits()
+    for batch in (images, 255 - images, images // 3 + 40, _placed(images[:100], (40, 52), 1),
+                  _placed(images[:100], (28, 28), 2), _placed(images[:50], (12, 64), 3),
+                  np.zeros((3, 28, 28), np.uint8), np.full((3, 28, 28), 200, np.uint8)):
+        expected = np.stack([mnist_recipe(gray) for gray in batch])
+        np.testing.assert_array_equal(mnist_recipe_batch(batch), expected)
+
+
+@settings(max_examples=60, deadline=None)
+@given(arrays(np.uint8, st.tuples(st.integers(2, 6), st.integers(1, 40), st.integers(1, 40))))
+def test_batched_recipe_equals_the_per_image_recipe_on_any_pixels(batch: np.ndarray) -> None:
+    expected = np.stack([mnist_recipe(gray) for gray in batch])
+    np.testing.assert_array_equal(mnist_recipe_batch(batch), expected)
+
+
+@pytest.mark.parametrize("polarity", ["light_on_dark", "dark_on_light"])
+def test_request_preprocessing_equals_image_by_image(polarity: str) -> None:
+    images, _ = fixture_digits()
+    raw = [RawImage(28, 28, "uint8", img.tobytes()) for img in images[:40]]
+    floats = [RawImage(28, 28, "float32", (img / 255.0).astype("<f4").tobytes()) for img in images[:3]]
+    other = [RawImage(30, 20, "uint8", _placed(images[:1], (20, 30), 4)[0].tobytes())]
+    pngs = [_png(img) for img in images[:40]]
+    big = [_png(_placed(images[:1], (90, 120), 5)[0])]
+    for payloads in (raw, pngs, pngs + raw, raw + floats, floats, other + pngs[:3] + big + floats[:1], pngs[:1]):
+        got = to_pixel_batch(payloads, ink_polarity=polarity)
+        expected = _reference(payloads, polarity)
+        assert got.dtype == expected.dtype and got.shape == expected.shape
+        np.testing.assert_array_equal(got, expected)
+
+
+def test_request_preprocessing_names_the_first_bad_image() -> None:
+    good = RawImage(28, 28, "uint8", bytes(784))
+    with pytest.raises(ImageError) as caught:
+        to_pixel_batch([good, good, b"not an image", RawImage(28, 28, "uint8", b"short")])
+    assert caught.value.index == 2 and caught.value.code == "INVALID_ARGUMENT"
+    with pytest.raises(ImageError) as caught:
+        to_pixel_batch([good, RawImage(28, 28, "uint8", b"short"), good])
+    assert caught.value.index == 1
+
+
+def test_sequential_calls_stop_waiting_and_concurrent_calls_batch_again() -> None:
+    delay = 0.25
+    images, _ = fixture_digits()
+    request = digits_pb2.RecognizeRequest(images=[to_image(images[0])])
+    with ServerThread(max_batch_delay_ms=delay * 1000) as server, grpc.insecure_channel(server.target) as channel:
+        stub = digits_pb2_grpc.DigitRecognizerStub(channel)
+        took = []
+        for _ in range(SEQUENTIAL_AFTER + 4):
+            started = time.perf_counter()
+            stub.Recognize(request, timeout=30)
+            took.append(time.perf_counter() - started)
+        assert min(took[:SEQUENTIAL_AFTER]) >= delay  # a lone call waits for company at first...
+        assert max(took[SEQUENTIAL_AFTER + 1:]) < delay  # ...then sequential traffic no longer waits
+
+        batches = server.server.metrics.batch_size
+        before = _count(batches)
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(lambda _: stub.Recognize(request, timeout=30), range(16)))
+        assert _count(batches) - before < 16  # concurrent calls were coalesced again
+
+
+def _count(histogram) -> float:
+    return next(s.value for m in histogram.collect() for s in m.samples if s.name.endswith("_count"))

@@ -1,0 +1,103 @@
+"""ONNX export: a single valid file, dynamic batch, metadata contract, parity with PyTorch, model card."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from service.recognition.model_metadata import INPUT_NAME, LOGITS_OUTPUT, PROBABILITIES_OUTPUT, ModelMetadata
+
+pytest.importorskip("torch")
+
+from training.export import ExportError, check_parity
+
+PROVENANCE = (
+    "training_data",
+    "training_data_sha256",
+    "val_accuracy",
+    "test_accuracy",
+    "validation_split",
+    "test_split",
+    "training_commit",
+    "created_at",
+    "torch_version",
+    "onnx_version",
+    "opset",
+    "params",
+    "seed",
+    "epochs",
+    "command",
+)
+
+
+def test_single_valid_file(exported_model: Any) -> None:
+    path: Path = exported_model.path
+    assert [p.name for p in path.parent.iterdir() if p.name.startswith(path.name)] == [path.name]
+    model = onnx.load(str(path))
+    onnx.checker.check_model(model, full_check=True)
+    assert max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) >= 17
+    assert all(t.data_location != onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
+    assert path.stat().st_size < 1_000_000
+
+
+def test_signature_and_dynamic_batch(exported_model: Any) -> None:
+    session = ort.InferenceSession(str(exported_model.path), providers=["CPUExecutionProvider"])
+    (image,) = session.get_inputs()
+    assert image.name == INPUT_NAME and image.type == "tensor(float)"
+    assert image.shape[1:] == [1, 28, 28] and isinstance(image.shape[0], str)
+    assert [o.name for o in session.get_outputs()] == [LOGITS_OUTPUT, PROBABILITIES_OUTPUT]
+    for batch in (1, 3, 300):
+        logits, probabilities = session.run(None, {INPUT_NAME: np.zeros((batch, 1, 28, 28), np.float32)})
+        assert logits.shape == probabilities.shape == (batch, 10)
+        np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-5)
+
+
+def test_metadata_contract_and_provenance(exported_model: Any, short_run: Any) -> None:
+    props = {p.key: p.value for p in onnx.load(str(exported_model.path)).metadata_props}
+    metadata = ModelMetadata.from_props(props)
+    assert metadata.name == "lenet5" and metadata.version == "0.0.1-test"
+    assert metadata.normalization.scale == pytest.approx(1 / 255)
+    assert (metadata.normalization.mean, metadata.normalization.std) == (0.1307, 0.3081)
+    assert metadata.labels == tuple("0123456789")
+    assert metadata.ink_polarity == "light_on_dark"
+    missing = [key for key in PROVENANCE if not metadata.extra.get(key)]
+    assert not missing
+    assert metadata.extra["params"] == "61706"
+    assert float(metadata.extra["val_accuracy"]) == pytest.approx(short_run.best_val_acc, abs=1e-4)
+    assert float(metadata.extra["test_accuracy"]) == pytest.approx(short_run.test_acc, abs=1e-4)
+    assert json.loads(metadata.extra["training_data_sha256"]).keys() == {
+        "train-images-idx3-ubyte.gz",
+        "train-labels-idx1-ubyte.gz",
+    }
+
+
+def test_parity_and_model_card(exported_model: Any) -> None:
+    assert exported_model.parity_max_diff <= 1e-5
+    card = json.loads(exported_model.card_path.read_text())
+    assert exported_model.card_path == exported_model.path.with_suffix(".json")
+    assert card["sha256"] == hashlib.sha256(exported_model.path.read_bytes()).hexdigest()
+    assert card["parity"]["digits"] == 256
+    assert card["reproduce"] == "pytest"
+    assert ModelMetadata.from_props(card["metadata"]).version == "0.0.1-test"
+
+
+def test_check_parity_passes_and_fails() -> None:
+    reference = np.random.default_rng(0).random((256, 10), dtype=np.float32)
+    assert check_parity(reference, reference + 5e-6) == pytest.approx(5e-6, rel=0.01)
+    off = reference.copy()
+    off[17, 3] += 1e-3
+    with pytest.raises(ExportError, match=r"differs from PyTorch by 0.001 .* on digit 17"):
+        check_parity(reference, off)
+    nan = reference.copy()
+    nan[2, 2] = np.nan
+    with pytest.raises(ExportError, match="parity"):
+        check_parity(reference, nan)
+    with pytest.raises(ExportError, match="shape"):
+        check_parity(reference, reference[:10])
