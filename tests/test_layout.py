@@ -44,6 +44,7 @@ ALLOWED: dict[str, set[str]] = {
     "training": {"service.idx", "service.recognition"},
 }
 TRAINING_MAY_IMPORT = {"service.idx", "service.recognition.model_metadata", "service.recognition.preprocess",
+                       "service.recognition.rejection",
                        "service.recognition.model"}
 PERF_MAY_IMPORT_FROM_RECOGNITION = {"service.recognition.model", "service.recognition.preprocess"}
 

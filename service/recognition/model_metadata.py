@@ -29,6 +29,18 @@ REQUIRED_KEYS = (
     "output_names",
 )
 
+# Optional keys. A model without them still serves: every prediction is then accepted (the server
+# warns at start-up), so models exported before rejection existed keep working.
+REJECTION_KEY = "rejection"
+CALIBRATION_KEY = "calibration"
+
+# Scores a rejection rule may threshold, computed per image from the model's two outputs:
+#   max_probability  the largest (calibrated) probability
+#   logsumexp        log(sum(exp(logits))), the negative free energy (Liu et al. 2020): low for inputs
+#                    unlike the training digits, and for outlier-exposure negatives by construction
+#   max_logit        the largest logit
+REJECTION_SCORES = ("max_probability", "logsumexp", "max_logit")
+
 INPUT_NAME = "image"
 LOGITS_OUTPUT = "logits"
 PROBABILITIES_OUTPUT = "probabilities"
@@ -67,6 +79,88 @@ class Normalization:
 
 
 @dataclass(frozen=True)
+class Threshold:
+    """Reject when `score` (one of REJECTION_SCORES) is below `below`."""
+
+    score: str
+    below: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"score": self.score, "below": self.below}
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """When a prediction is not accepted, chosen by training on its own validation digits.
+
+    Checked in order: `not_a_digit` (ink unlike any digit), then `uncertain` (a digit, but not
+    clearly which). Blank images never reach the model: the no-ink test on the pixels (see
+    `service.recognition.ink`) rejects them first, with `no_ink` settings when given here.
+    `extra` carries how the thresholds were chosen and what they measured (free-form).
+    """
+
+    not_a_digit: Threshold
+    uncertain: Threshold
+    no_ink: Mapping[str, float] = field(default_factory=dict)
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        body: dict[str, Any] = dict(self.extra)
+        body.update({"not_a_digit": self.not_a_digit.to_dict(), "uncertain": self.uncertain.to_dict()})
+        if self.no_ink:
+            body["no_ink"] = dict(self.no_ink)
+        return json.dumps(body, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> Rejection:
+        try:
+            raw = json.loads(text)
+            if not isinstance(raw, dict):
+                raise TypeError("not a JSON object")
+            rules = {name: _threshold(raw[name], name) for name in ("not_a_digit", "uncertain")}
+            no_ink = {str(k): float(v) for k, v in dict(raw.get("no_ink", {})).items()}
+        except (ValueError, TypeError, KeyError) as exc:
+            raise MetadataError(
+                f"metadata {REJECTION_KEY!r} must be JSON with not_a_digit and uncertain, each "
+                f"{{\"score\": one of {list(REJECTION_SCORES)}, \"below\": number}}: {exc}") from exc
+        extra = {k: v for k, v in raw.items() if k not in ("not_a_digit", "uncertain", "no_ink")}
+        return cls(not_a_digit=rules["not_a_digit"], uncertain=rules["uncertain"], no_ink=no_ink, extra=extra)
+
+
+def _threshold(raw: Any, name: str) -> Threshold:
+    score, below = str(raw["score"]), float(raw["below"])
+    if score not in REJECTION_SCORES:
+        raise ValueError(f"{name}: unknown score {score!r}")
+    if below != below:  # NaN would accept everything silently
+        raise ValueError(f"{name}: threshold is NaN")
+    return Threshold(score=score, below=below)
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """How the served `probabilities` were calibrated. The exported graph applies it already
+    (softmax(logits / temperature)), so the server only reports it."""
+
+    temperature: float
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps({**self.extra, "method": "temperature", "temperature": self.temperature}, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> Calibration:
+        try:
+            raw = json.loads(text)
+            temperature = float(raw["temperature"])
+        except (ValueError, TypeError, KeyError) as exc:
+            raise MetadataError(f"metadata {CALIBRATION_KEY!r} must be JSON with a temperature: {exc}") from exc
+        if not temperature > 0:
+            raise MetadataError(f"metadata {CALIBRATION_KEY!r} needs temperature > 0, got {temperature}")
+        return cls(temperature=temperature,
+                   extra={k: v for k, v in raw.items() if k not in ("method", "temperature")})
+
+
+@dataclass(frozen=True)
 class ModelMetadata:
     """Everything a server needs to know about a model, read from (or written to) the ONNX file."""
 
@@ -80,6 +174,8 @@ class ModelMetadata:
     input_dtype: str = "float32"
     ink_polarity: str = "light_on_dark"
     output_names: tuple[str, ...] = (LOGITS_OUTPUT, PROBABILITIES_OUTPUT)
+    rejection: Rejection | None = None
+    calibration: Calibration | None = None
     # Provenance and quality figures: free-form strings (training data, sha256, accuracy, commit, ...).
     extra: Mapping[str, str] = field(default_factory=dict)
 
@@ -109,6 +205,10 @@ class ModelMetadata:
                 "output_names": json.dumps(list(self.output_names)),
             }
         )
+        if self.rejection is not None:
+            props[REJECTION_KEY] = self.rejection.to_json()
+        if self.calibration is not None:
+            props[CALIBRATION_KEY] = self.calibration.to_json()
         return props
 
     @classmethod
@@ -143,7 +243,8 @@ class ModelMetadata:
             )
         if not props["model_name"] or not props["model_version"]:
             raise MetadataError("metadata 'model_name' and 'model_version' must not be empty")
-        extra = {k: v for k, v in props.items() if k not in REQUIRED_KEYS}
+        structured = (*REQUIRED_KEYS, REJECTION_KEY, CALIBRATION_KEY)
+        extra = {k: v for k, v in props.items() if k not in structured}
         return cls(
             name=props["model_name"],
             version=props["model_version"],
@@ -155,6 +256,8 @@ class ModelMetadata:
             input_dtype=props["input_dtype"],
             ink_polarity=props["ink_polarity"],
             output_names=outputs,
+            rejection=Rejection.from_json(props[REJECTION_KEY]) if REJECTION_KEY in props else None,
+            calibration=Calibration.from_json(props[CALIBRATION_KEY]) if CALIBRATION_KEY in props else None,
             extra=extra,
         )
 
