@@ -3,15 +3,18 @@
     from service.client import DigitsClient
     with DigitsClient("localhost:50051") as client:
         for p in client.recognize([open("seven.png", "rb").read()]).predictions:
-            print(p.digit, p.confidence)
+            print(p.digit, p.confidence, p.accepted, p.rejection)
+        print(client.read([open("zip-code.png", "rb").read()]).readings[0].text)
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import Any, TypeVar
 
 import grpc
 import numpy as np
@@ -20,6 +23,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from service.gen.digits.v1 import digits_pb2, digits_pb2_grpc
 
 ImageLike = bytes | np.ndarray  # encoded file bytes, or a 2-D uint8 (0..255) / float32 (0..1) array
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -47,11 +51,22 @@ class TlsOptions:
         return [("grpc.ssl_target_name_override", self.server_name)] if self.server_name else []
 
 
+# The proto's Rejection enum -> the names the REST API, the CLI and the metrics use.
+REJECTIONS = {digits_pb2.REJECTION_NO_INK: "no_ink", digits_pb2.REJECTION_NOT_A_DIGIT: "not_a_digit",
+              digits_pb2.REJECTION_UNCERTAIN: "uncertain"}
+
+
 @dataclass(frozen=True)
 class Result:
     digit: int
     confidence: float
     probabilities: tuple[float, ...]
+    accepted: bool = True
+    rejection: str | None = None  # no_ink, not_a_digit or uncertain when not accepted
+
+    @classmethod
+    def from_proto(cls, p: digits_pb2.Prediction) -> Result:
+        return cls(p.digit, p.confidence, tuple(p.probabilities), p.accepted, REJECTIONS.get(p.rejection))
 
 
 @dataclass(frozen=True)
@@ -59,6 +74,48 @@ class Reply:
     predictions: list[Result]
     model_name: str
     model_version: str
+
+
+@dataclass(frozen=True)
+class ReadDigit:
+    prediction: Result
+    box: tuple[int, int, int, int]  # x, y, width, height in the pixels of the image as sent
+
+
+@dataclass(frozen=True)
+class Reading:
+    text: str
+    confidence: float
+    accepted: bool
+    digits: list[ReadDigit]
+    rejection: str | None = None
+
+    @classmethod
+    def from_proto(cls, r: digits_pb2.Reading) -> Reading:
+        digits = [ReadDigit(Result.from_proto(d.prediction), (d.box.x, d.box.y, d.box.width, d.box.height))
+                  for d in r.digits]
+        return cls(r.text, r.confidence, r.accepted, digits, REJECTIONS.get(r.rejection))
+
+
+@dataclass(frozen=True)
+class ReadReply:
+    readings: list[Reading]
+    model_name: str
+    model_version: str
+
+
+@dataclass(frozen=True)
+class Failure:
+    """One image that got no answer: the gRPC status name (or LOCAL for a file that could not be
+    read here) and the message."""
+
+    code: str
+    message: str
+
+
+# A request that fails for one bad image fails whole; its images are then sent one by one, so that
+# the bad one is named and the others still get their answers.
+PER_IMAGE_CODES = ("INVALID_ARGUMENT", "RESOURCE_EXHAUSTED")
 
 
 def to_image(image: ImageLike) -> digits_pb2.Image:
@@ -101,12 +158,56 @@ class DigitsClient:
         """Recognize images in one call; raises grpc.RpcError with the server's status and message."""
         request = digits_pb2.RecognizeRequest(images=[to_image(i) for i in images])
         response = self._stub.Recognize(request, timeout=self._timeout)
-        return Reply(
-            predictions=[Result(p.digit, p.confidence, tuple(p.probabilities)) for p in response.predictions],
-            model_name=response.model.name, model_version=response.model.version)
+        return Reply(predictions=[Result.from_proto(p) for p in response.predictions],
+                     model_name=response.model.name, model_version=response.model.version)
 
     def recognize_files(self, paths: Sequence[Path]) -> Reply:
         return self.recognize([Path(p).read_bytes() for p in paths])
+
+    def read(self, images: Sequence[ImageLike]) -> ReadReply:
+        """Read a line of digits in each image, in one call; raises grpc.RpcError like `recognize`."""
+        request = digits_pb2.ReadRequest(images=[to_image(i) for i in images])
+        response = self._stub.Read(request, timeout=self._timeout)
+        return ReadReply(readings=[Reading.from_proto(r) for r in response.readings],
+                         model_name=response.model.name, model_version=response.model.version)
+
+    def recognize_many(self, images: Sequence[ImageLike | Failure], batch: int = 64,
+                       in_flight: int = 4) -> tuple[list[Result | Failure], str]:
+        """`recognize` for any number of images: requests of at most `batch` images, `in_flight` at
+        once, answers in input order. Never raises for one image: a bad one becomes a Failure (items
+        given as a Failure, e.g. files that could not be read, stay one). Returns (outcomes, model)."""
+        return self._many(images, batch, in_flight, lambda chunk: _pairs(self.recognize(chunk)))
+
+    def read_many(self, images: Sequence[ImageLike | Failure], batch: int = 16,
+                  in_flight: int = 4) -> tuple[list[Reading | Failure], str]:
+        """`read` for any number of images, like `recognize_many`."""
+        return self._many(images, batch, in_flight, lambda chunk: _pairs(self.read(chunk)))
+
+    def _many(self, images: Sequence[ImageLike | Failure], batch: int, in_flight: int,
+              call: Callable[[list[ImageLike]], tuple[list[T], str]]) -> tuple[list[T | Failure], str]:
+        if batch < 1 or in_flight < 1:
+            raise ValueError("batch and in_flight must be >= 1")
+        outcomes: list[T | Failure] = [i if isinstance(i, Failure) else Failure("PENDING", "") for i in images]
+        todo = [i for i, item in enumerate(images) if not isinstance(item, Failure)]
+        chunks = [todo[start:start + batch] for start in range(0, len(todo), batch)]
+        model = ""
+
+        def send(indices: list[int]) -> list[tuple[int, T | Failure]]:
+            nonlocal model
+            try:
+                answers, model = call([images[i] for i in indices])  # type: ignore[misc]
+                return list(zip(indices, answers, strict=True))
+            except grpc.RpcError as exc:
+                failure = Failure(exc.code().name, str(exc.details()))
+                if len(indices) > 1 and failure.code in PER_IMAGE_CODES:
+                    return [pair for i in indices for pair in send([i])]
+                return [(i, failure) for i in indices]
+
+        with ThreadPoolExecutor(max_workers=in_flight, thread_name_prefix="digits-client") as pool:
+            for done in pool.map(send, chunks):
+                for index, outcome in done:
+                    outcomes[index] = outcome
+        return outcomes, model
 
     def health(self, service: str = "") -> str:
         """The health status name (SERVING, NOT_SERVING, ...) of `service` ("" = the whole server)."""
@@ -123,3 +224,19 @@ class DigitsClient:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.close()
+
+
+def _pairs(reply: Reply | ReadReply) -> tuple[list[Any], str]:
+    answers: list[Any] = reply.predictions if isinstance(reply, Reply) else reply.readings
+    return answers, f"{reply.model_name} {reply.model_version}"
+
+
+def read_files(paths: Sequence[Path]) -> list[bytes | Failure]:
+    """Each file's bytes, or a Failure naming why it could not be read (the others still go)."""
+    out: list[bytes | Failure] = []
+    for path in paths:
+        try:
+            out.append(Path(path).read_bytes())
+        except OSError as exc:
+            out.append(Failure("LOCAL", f"cannot read {path}: {exc.strerror or exc}"))
+    return out

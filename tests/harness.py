@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import http.client
 import io
 import threading
 import time
 import urllib.request
-from collections.abc import Callable, Coroutine, Sequence
+import uuid
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -219,3 +221,28 @@ def scrape(port: int) -> Scrape:
         assert response.status == 200
         assert response.headers["Content-Type"].startswith("text/plain")
         return Scrape(response.read().decode())
+
+
+# --- plain HTTP, as curl sends it ---
+
+
+def request(url: str, method: str, path: str, body: bytes | Iterator[bytes] | None = None,
+            headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
+    """One plain HTTP request (http.client: bytes on the wire as curl would send them)."""
+    host, port = url.split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=30)
+    try:
+        chunked = body is not None and not isinstance(body, bytes)
+        connection.request(method, path, body=body, headers=headers or {}, encode_chunked=chunked)
+        response = connection.getresponse()
+        return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
+    finally:
+        connection.close()
+
+
+def multipart(field: str, filename: str | None, data: bytes, content_type: str = "image/png") -> tuple[bytes, str]:
+    boundary = uuid.uuid4().hex
+    disposition = f'form-data; name="{field}"' + (f'; filename="{filename}"' if filename else "")
+    body = (f"--{boundary}\r\nContent-Disposition: {disposition}\r\nContent-Type: {content_type}\r\n\r\n").encode()
+    body += data + f"\r\n--{boundary}--\r\n".encode()
+    return body, f"multipart/form-data; boundary={boundary}"

@@ -35,10 +35,17 @@ def to_payload(image: digits_pb2.Image, index: int) -> Payload:
     raise RecognizeError("INVALID_ARGUMENT", f"image {index}: has neither encoded bytes nor raw pixels")
 
 
+# rejection.REASONS -> the proto enum; "" (accepted) is REJECTION_NONE.
+REJECTIONS = {"": digits_pb2.REJECTION_NONE, "no_ink": digits_pb2.REJECTION_NO_INK,
+              "not_a_digit": digits_pb2.REJECTION_NOT_A_DIGIT, "uncertain": digits_pb2.REJECTION_UNCERTAIN}
+
+
 def predictions(recognition: Recognition) -> Iterator[digits_pb2.Prediction]:
     """One Prediction per image, in order."""
-    for row, digit in zip(recognition.probabilities.tolist(), recognition.digits.tolist(), strict=True):
-        yield digits_pb2.Prediction(digit=digit, confidence=row[digit], probabilities=row)
+    for row, digit, reason in zip(recognition.probabilities.tolist(), recognition.digits.tolist(),
+                                  recognition.reasons.tolist(), strict=True):
+        yield digits_pb2.Prediction(digit=digit, confidence=row[digit], probabilities=row,
+                                    accepted=not reason, rejection=REJECTIONS[reason])
 
 
 def model_ref(recognition: Recognition) -> digits_pb2.ModelRef:

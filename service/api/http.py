@@ -362,6 +362,8 @@ def _input(tensor: dict[str, Any], binary: bytes, meta: Any) -> v2_tensors.Input
 
 def _prediction(recognition: Recognition) -> dict[str, Any]:
     digit = int(recognition.digits[0])
+    reason = str(recognition.reasons[0])
     return {"digit": digit, "confidence": float(recognition.confidences[0]),
             "probabilities": recognition.probabilities[0].tolist(),
+            "accepted": not reason, "rejection": reason or None,
             "model": {"name": recognition.model.name, "version": recognition.model.version}}

@@ -101,6 +101,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             # reads only raw_output_contents), else in typed contents.
             if raw:
                 reply.raw_output_contents.append(array.tobytes())
+            elif spec.datatype == v2_tensors.ACCEPTED_DATATYPE:
+                out.contents.bool_contents.extend(array.tolist())
             else:
                 out.contents.fp32_contents.extend(array.reshape(-1).tolist())
         return reply

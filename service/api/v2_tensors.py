@@ -7,7 +7,8 @@ they get the requested output tensors as arrays. The model is described from its
   input   image          FP32  [-1, 1, H, W]  normalized, the model's own input space
                          UINT8 [-1, 1, H, W]  raw MNIST-convention pixels 0..255, normalized by the server
   outputs logits         FP32  [-1, classes]
-          probabilities  FP32  [-1, classes]
+          probabilities  FP32  [-1, classes]   calibrated
+          accepted       BOOL  [-1]            when requested: the rejection rule's verdict per image
 """
 
 from __future__ import annotations
@@ -26,6 +27,10 @@ from service.recognition.recognizer import Recognition, RecognizeError, Recogniz
 # Little-endian on the wire, as the specification requires for raw contents.
 DATATYPES: dict[str, np.dtype[Any]] = {"FP32": np.dtype("<f4"), "UINT8": np.dtype("u1")}
 OUTPUT_DATATYPE = "FP32"
+# Not an output of the ONNX graph: the server's verdict (service.recognition.rejection), returned only
+# when a request names it, so that clients written for the model's own outputs see no change.
+ACCEPTED_OUTPUT = "accepted"
+ACCEPTED_DATATYPE = "BOOL"
 PLATFORM = "onnxruntime_onnx"
 
 
@@ -65,8 +70,9 @@ def model_inputs(meta: ModelMetadata) -> list[TensorSpec]:
 
 
 def model_outputs(model: LoadedModel) -> list[TensorSpec]:
-    """The outputs, in the order the model produces them."""
-    return [TensorSpec(name, OUTPUT_DATATYPE, (-1, len(model.metadata.labels))) for name in model.output_names]
+    """The outputs, in the order the model produces them, then `accepted`."""
+    return [*(TensorSpec(name, OUTPUT_DATATYPE, (-1, len(model.metadata.labels))) for name in model.output_names),
+            TensorSpec(ACCEPTED_OUTPUT, ACCEPTED_DATATYPE, (-1,))]
 
 
 def check_model(model: LoadedModel, name: str, version: str) -> None:
@@ -166,14 +172,14 @@ async def recognize(recognizer: Recognizer, tensor: InputTensor, deadline: float
 
 
 def select_outputs(requested: Sequence[str], model: LoadedModel) -> list[str]:
-    """The outputs to return: those requested, in request order, or all the model has."""
+    """The outputs to return: those requested, in request order, or the model's own outputs."""
     if not requested:
         return list(model.output_names)
-    unknown = [name for name in requested if name not in model.output_names]
+    known = (*model.output_names, ACCEPTED_OUTPUT)
+    unknown = [name for name in requested if name not in known]
     if unknown:
         raise RecognizeError(
-            "INVALID_ARGUMENT",
-            f"unknown output {unknown[0]!r}; the model's outputs are {', '.join(model.output_names)}")
+            "INVALID_ARGUMENT", f"unknown output {brief(unknown[0])}; the outputs are {', '.join(known)}")
     return list(requested)
 
 
@@ -183,6 +189,11 @@ def output_arrays(recognition: Recognition, names: Sequence[str]) -> list[tuple[
                        strict=True))
     outputs = []
     for name in names:
+        if name == ACCEPTED_OUTPUT:
+            # BOOL on the wire is one byte per element, 0 or 1: numpy's bool_ layout.
+            verdict = np.ascontiguousarray(recognition.accepted, dtype=np.bool_)
+            outputs.append((TensorSpec(name, ACCEPTED_DATATYPE, tuple(verdict.shape)), verdict))
+            continue
         array = np.ascontiguousarray(by_name[name], dtype=DATATYPES[OUTPUT_DATATYPE])
         outputs.append((TensorSpec(name, OUTPUT_DATATYPE, tuple(array.shape)), array))
     return outputs

@@ -18,12 +18,12 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from service.recognition.ink import inked
 from service.recognition.model_metadata import Normalization
 
 # The MNIST recipe: the digit is scaled to fit a FIT x FIT box inside the SIDE x SIDE image.
 FIT = 20
 INK_THRESHOLD = 0.2  # of the brightest ink pixel: what counts as ink when cropping
-MIN_CONTRAST = 8  # grey levels between background and ink below which an image is blank
 # Same-size decoded images up to this many pixels each go through the recipe as one array (MNIST-sized
 # PNGs: one set of array operations per request instead of ~20 per image); bigger ones one by one.
 BATCH_RECIPE_PIXELS = 64 * 64
@@ -227,8 +227,8 @@ def mnist_recipe(gray: np.ndarray, side: int = 28) -> np.ndarray:
     ink = background - gray.astype(np.int16) if background > 127 else gray.astype(np.int16) - background
     peak = int(ink.max())
     out = np.zeros((side, side), dtype=np.uint8)
-    if peak < MIN_CONTRAST:
-        return out  # blank page: nothing to centre
+    if not inked(np.clip(ink, 0, None)[None])[0]:
+        return out  # no ink (blank or grey paper, noise, a speck): nothing to centre, and all zeros says so
     mask = ink > peak * INK_THRESHOLD
     rows = np.flatnonzero(mask.any(axis=1))
     cols = np.flatnonzero(mask.any(axis=0))
@@ -296,7 +296,7 @@ def mnist_recipe_batch(grays: np.ndarray, side: int = 28) -> np.ndarray:
     centre = (side - 1) / 2.0
     top = np.minimum(np.maximum(np.rint(centre - com_y), 0), side - h).astype(np.int64)
     left = np.minimum(np.maximum(np.rint(centre - com_x), 0), side - w).astype(np.int64)
-    for i in np.flatnonzero(peak >= MIN_CONTRAST):
+    for i in np.flatnonzero(inked(np.clip(ink, 0, None))):
         y, x, hi, wi = int(top_ink[i]), int(left_ink[i]), int(h[i]), int(w[i])
         if resize[i]:
             out[i] = mnist_recipe(grays[i], side)

@@ -15,6 +15,7 @@ from typing import Protocol
 
 import numpy as np
 
+from service.recognition import rejection
 from service.recognition.batcher import (
     BatcherClosedError,
     BatchResult,
@@ -22,8 +23,11 @@ from service.recognition.batcher import (
     DynamicBatcher,
     QueueFullError,
 )
+from service.recognition.ink import inked
 from service.recognition.model import LoadedModel, ModelLoadError, load_model
+from service.recognition.model_metadata import Rejection
 from service.recognition.preprocess import ImageError, Payload, to_pixel_batch
+from service.recognition.rejection import RejectionOverrides
 from service.telemetry.metrics import DIGITS, Metrics
 
 log = logging.getLogger(__name__)
@@ -53,7 +57,9 @@ class RecognizerSettings(Protocol):
     @property
     def max_image_pixels(self) -> int: ...
     @property
-    def low_confidence(self) -> float: ...
+    def reject_not_a_digit_below(self) -> float | None: ...
+    @property
+    def reject_uncertain_below(self) -> float | None: ...
 
 
 class RecognizeError(Exception):
@@ -67,11 +73,20 @@ class RecognizeError(Exception):
 
 @dataclass(frozen=True)
 class Recognition:
-    """Predictions for one request, in request order, and the model that made them."""
+    """Predictions for one request, in request order, and the model that made them.
+
+    Rows of images with no ink were never run through the model: their logits are 0 and their
+    probabilities uniform, and `reasons` says ``no_ink``.
+    """
 
     logits: np.ndarray  # [n, classes]
     probabilities: np.ndarray  # [n, classes]
     model: LoadedModel
+    reasons: np.ndarray  # [n] str: "" when accepted, else a rejection.REASONS value
+
+    @functools.cached_property
+    def accepted(self) -> np.ndarray:
+        return self.reasons == rejection.ACCEPTED
 
     # Computed once per request: the metrics and the reply both need them.
     @functools.cached_property
@@ -108,6 +123,8 @@ class Recognizer:
         self._reload_lock = asyncio.Lock()
         self._batcher = DynamicBatcher(lambda: self._model, config.max_batch_size, config.max_batch_delay_s,
                                        config.max_queue, metrics)
+        self._overrides = RejectionOverrides(config.reject_not_a_digit_below, config.reject_uncertain_below)
+        self._rule = (model, self._overrides.apply(model.metadata.rejection))
         metrics.set_model(model.name, model.version, model.sha256, model.provider, model.load_seconds)
 
     @property
@@ -118,6 +135,11 @@ class Recognizer:
     @property
     def config(self) -> RecognizerSettings:
         return self._config
+
+    def rule(self, model: LoadedModel) -> Rejection | None:
+        """The rejection rule in force for `model`: its metadata's thresholds with the server's overrides."""
+        served, rule = self._rule
+        return rule if served is model else self._overrides.apply(model.metadata.rejection)
 
     @property
     def queued_images(self) -> int:
@@ -161,21 +183,46 @@ class Recognizer:
         else:
             pixels = self.preprocess(payloads)
         self._metrics.preprocess_seconds.observe(time.perf_counter() - started)
-        return await self._submit(pixels, normalized=False, deadline=deadline)
+        return await self._submit(pixels, inked(pixels), normalized=False, deadline=deadline)
 
     async def recognize_pixels(self, pixels: np.ndarray, deadline: float | None = None) -> Recognition:
         """Recognize [n, H, W] MNIST-convention pixels (uint8 0..255 or float32 0..1) as given."""
         self.check_count(int(pixels.shape[0]))
-        return await self._submit(pixels, normalized=False, deadline=deadline)
+        return await self._submit(pixels, inked(pixels), normalized=False, deadline=deadline)
 
     async def infer_normalized(self, tensor: np.ndarray, deadline: float | None = None) -> Recognition:
         """Run an already-normalized [n, 1, H, W] float32 tensor (the model's own input space)."""
         self.check_count(int(tensor.shape[0]))
         if not np.isfinite(tensor).all():
             raise RecognizeError("INVALID_ARGUMENT", "input tensor contains NaN or infinity")
-        return await self._submit(tensor, normalized=True, deadline=deadline)
+        norm = self._model.metadata.normalization
+        # Back to pixel/255 for the no-ink test: x * std + mean = pixel * scale, and scale is 1/255.
+        pixels = tensor[:, 0] * np.float32(norm.std) + np.float32(norm.mean)
+        return await self._submit(tensor, inked(pixels), normalized=True, deadline=deadline)
 
-    async def _submit(self, pixels: np.ndarray, normalized: bool, deadline: float | None) -> Recognition:
+    async def _submit(self, pixels: np.ndarray, has_ink: np.ndarray, normalized: bool,
+                      deadline: float | None) -> Recognition:
+        # Images with no ink never reach the model; when every image has ink (the usual case) the
+        # request's array goes to the batcher as it is, without a copy.
+        blank = not has_ink.all()
+        result = await self._run(pixels[has_ink] if blank else pixels, normalized, deadline) \
+            if has_ink.any() else None
+        model = result.model if result is not None else self._model
+        if blank:
+            classes = len(model.metadata.labels)
+            logits = np.zeros((len(pixels), classes), dtype=np.float32)
+            probabilities = np.full((len(pixels), classes), 1.0 / classes, dtype=np.float32)
+            if result is not None:
+                logits[has_ink], probabilities[has_ink] = result.logits, result.probabilities
+        else:
+            assert result is not None
+            logits, probabilities = result.logits, result.probabilities
+        reasons = rejection.decide(self.rule(model), logits, probabilities, has_ink)
+        recognition = Recognition(logits, probabilities, model, reasons)
+        self._count_predictions(recognition)
+        return recognition
+
+    async def _run(self, pixels: np.ndarray, normalized: bool, deadline: float | None) -> BatchResult:
         try:
             result: BatchResult = await self._batcher.submit(pixels, normalized=normalized, deadline=deadline)
         except QueueFullError as exc:
@@ -191,17 +238,18 @@ class Recognizer:
                                  f"inference failed ({type(exc).__name__}); see the server log") from exc
         if not (np.isfinite(result.logits).all() and np.isfinite(result.probabilities).all()):
             raise _not_finite(result.model, normalized)
-        recognition = Recognition(result.logits, result.probabilities, result.model)
-        self._count_predictions(recognition)
-        return recognition
+        return result
 
     def _count_predictions(self, recognition: Recognition) -> None:
-        counts = np.bincount(recognition.digits, minlength=len(DIGITS))
+        accepted = recognition.accepted
+        counts = np.bincount(recognition.digits[accepted], minlength=len(DIGITS))
         for digit in np.flatnonzero(counts):
             self._metrics.predictions.labels(digit=DIGITS[digit]).inc(int(counts[digit]))
-        low = int((recognition.confidences < self._config.low_confidence).sum())
-        if low:
-            self._metrics.low_confidence.inc(low)
+        if not accepted.all():
+            for reason in rejection.REASONS:
+                count = int((recognition.reasons == reason).sum())
+                if count:
+                    self._metrics.rejected_predictions.labels(reason=reason).inc(count)
 
     async def reload(self, path: Path | None = None) -> LoadedModel:
         """Load, validate and warm up a model, then swap it in atomically.
@@ -236,6 +284,10 @@ class Recognizer:
                     raise
                 raise error from exc
             self._model = new
+            self._rule = (new, self._overrides.apply(new.metadata.rejection))
+            if new.metadata.rejection is None:
+                log.warning("model %s %s carries no rejection thresholds: every image with ink is accepted "
+                            "(retrain and export it to get not_a_digit and uncertain)", new.name, new.version)
             self._metrics.set_model(new.name, new.version, new.sha256, new.provider, new.load_seconds)
             self._metrics.model_reloads.labels(result="success").inc()
             log.info("model reloaded: %s %s -> %s %s (sha256 %s)", old.name, old.version, new.name,

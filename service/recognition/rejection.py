@@ -14,11 +14,12 @@ may be overridden by the server's flags. A model without a rule accepts every in
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 import numpy as np
 
-from service.recognition.model_metadata import Rejection
+from service.recognition.model_metadata import Rejection, Threshold
 
 ACCEPTED = ""
 NO_INK = "no_ink"
@@ -35,9 +36,14 @@ class RejectionOverrides:
     uncertain_below: float | None = None
 
     def apply(self, rule: Rejection | None) -> Rejection | None:
-        """The rule with these thresholds in place of the model's."""
+        """The rule with these thresholds in place of the model's. For a model that carries no rule,
+        the given thresholds apply to the maximum probability (the only score that means the same
+        for every model); with neither, every image with ink is accepted."""
         if rule is None:
-            return None
+            if self.not_a_digit_below is None and self.uncertain_below is None:
+                return None
+            rule = Rejection(not_a_digit=Threshold("max_probability", -math.inf),
+                             uncertain=Threshold("max_probability", -math.inf))
         if self.not_a_digit_below is not None:
             rule = dataclasses.replace(
                 rule, not_a_digit=dataclasses.replace(rule.not_a_digit, below=self.not_a_digit_below))

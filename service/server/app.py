@@ -25,6 +25,7 @@ from service.api import digits_grpc, v2_grpc
 from service.api import http as http_api
 from service.gen.digits.v1 import digits_pb2
 from service.recognition.model import ModelLoadError, load_model
+from service.recognition.model_metadata import Rejection
 from service.recognition.recognizer import Recognizer
 from service.server.config import ServerConfig
 from service.server.summary import SummaryLogger
@@ -122,7 +123,10 @@ class DigitsServer:
             max_queue=cfg.max_queue, grpc=f"{cfg.host}:{self.port}", tls=cfg.tls_cert is not None,
             metrics_port=self.metrics_port or None, load_seconds=round(model.load_seconds, 3),
             http_port=self.http_port or None,
-            low_confidence=cfg.low_confidence, summary_interval_s=cfg.summary_interval_s))
+            rejection=_describe_rule(self.recognizer.rule(model)), summary_interval_s=cfg.summary_interval_s))
+        if model.metadata.rejection is None:
+            log.warning("model %s %s carries no rejection thresholds: every image with ink is accepted "
+                        "(retrain and export it to get not_a_digit and uncertain)", model.name, model.version)
         if cfg.tls_cert is not None and self.http_port:
             log.warning("--http-port serves plain HTTP: --tls-cert covers the gRPC port only; bind HTTP to a "
                         "private address or put a TLS-terminating proxy in front", extra=fields(
@@ -239,3 +243,11 @@ async def serve(config: ServerConfig) -> int:
         return 1
     await server.run_until_signalled()
     return 0
+
+
+def _describe_rule(rule: Rejection | None) -> str:
+    """The rejection thresholds in force, for the start-up line."""
+    if rule is None:
+        return "none (every image with ink is accepted)"
+    return (f"not_a_digit if {rule.not_a_digit.score} < {rule.not_a_digit.below:g}, "
+            f"uncertain if {rule.uncertain.score} < {rule.uncertain.below:g}")

@@ -47,7 +47,13 @@ class ServerConfig:
     max_image_pixels: int = _setting(25_000_000, "largest decoded image in pixels (decompression-bomb guard)")
     max_concurrent_streams: int = _setting(256, "most concurrent HTTP/2 streams (in-flight RPCs) per connection")
     grace_period_s: float = _setting(10.0, "on SIGTERM/SIGINT: how long in-flight requests may take to finish")
-    low_confidence: float = _setting(0.6, "predictions below this confidence count as low-confidence (drift signal)")
+    reject_not_a_digit_below: float | None = _setting(
+        None, "override the model's not_a_digit threshold: predictions whose not_a_digit score (named in the "
+              "model's metadata) is below it are rejected as not_a_digit; unset keeps the model's")
+    reject_uncertain_below: float | None = _setting(
+        None, "override the model's uncertain threshold: predictions whose uncertain score (named in the "
+              "model's metadata, usually the calibrated confidence) is below it are rejected as uncertain; "
+              "unset keeps the model's")
     workers: int = _setting(1, "server processes sharing the port (SO_REUSEPORT); worker i serves /metrics on "
                                   "metrics-port + i")
     watch: bool = _setting(False, "reload the model when its file changes (SIGHUP always reloads)")
@@ -118,9 +124,9 @@ def _converter(type_: Any) -> Any:
     text = str(type_)
     if type_ is bool:
         return _parse_bool
-    if type_ is int:
+    if type_ is int or text == "int | None":
         return int
-    if type_ is float:
+    if type_ is float or text == "float | None":
         return float
     if "Path" in text:
         return Path

@@ -41,8 +41,8 @@ class Totals:
     images: float
     batches: float
     batched_images: float
-    rejected: dict[str, float]  # by reason
-    low_confidence: float
+    rejected: dict[str, float]  # requests refused before inference, by reason
+    not_accepted: dict[str, float]  # predictions not accepted, by rejection reason
 
     @classmethod
     def read(cls, metrics: Metrics) -> Totals:
@@ -56,7 +56,8 @@ class Totals:
             batches=sum(value for _, value in _samples(metrics.batch_size, "_count")),
             batched_images=sum(value for _, value in _samples(metrics.batch_size, "_sum")),
             rejected={labels["reason"]: value for labels, value in _samples(metrics.rejected, "_total")},
-            low_confidence=sum(value for _, value in _samples(metrics.low_confidence, "_total")),
+            not_accepted={labels["reason"]: value
+                          for labels, value in _samples(metrics.rejected_predictions, "_total")},
         )
 
     def since(self, earlier: Totals) -> Totals:
@@ -67,7 +68,7 @@ class Totals:
             batches=self.batches - earlier.batches,
             batched_images=self.batched_images - earlier.batched_images,
             rejected=_minus(self.rejected, earlier.rejected),
-            low_confidence=self.low_confidence - earlier.low_confidence,
+            not_accepted=_minus(self.not_accepted, earlier.not_accepted),
         )
 
     def as_fields(self) -> dict[str, Any]:
@@ -83,7 +84,7 @@ class Totals:
             "batches": int(self.batches),
             "mean_batch_size": round(self.batched_images / self.batches, 2) if self.batches else 0.0,
             "rejected": {reason: int(n) for reason, n in sorted(self.rejected.items()) if n},
-            "low_confidence": int(self.low_confidence),
+            "not_accepted": {reason: int(n) for reason, n in sorted(self.not_accepted.items()) if n},
         }
 
 

@@ -35,6 +35,8 @@ DIGITS = tuple(str(d) for d in range(10))
 # Series that exist from the first scrape, so that rate() sees their first increment and the
 # "no successful requests" alert has an OK series to look at before any traffic arrives.
 GRPC_RPCS = ("Recognize", "RecognizeStream")
+# service.recognition.rejection.REASONS, repeated because telemetry sits below every other room.
+REJECTION_REASONS = ("no_ink", "not_a_digit", "uncertain")
 
 
 
@@ -77,10 +79,11 @@ class Metrics:
             "digits_rejected_requests", "Requests refused before inference, by reason.",
             ["reason"], registry=r)
         self.predictions = Counter(
-            "digits_predictions", "Predictions returned, by predicted digit.", ["digit"], registry=r)
-        self.low_confidence = Counter(
-            "digits_low_confidence_predictions",
-            "Predictions whose confidence is below --low-confidence (a drift signal).", registry=r)
+            "digits_predictions", "Accepted predictions, by predicted digit.", ["digit"], registry=r)
+        self.rejected_predictions = Counter(
+            "digits_rejected_predictions",
+            "Predictions not accepted, by reason: no_ink, not_a_digit, uncertain (a drift signal).",
+            ["reason"], registry=r)
         self.model_info = Gauge(
             "digits_model_info", "The model being served (value 1), with its identity as labels.",
             ["name", "version", "sha256", "provider"], registry=r)
@@ -101,6 +104,8 @@ class Metrics:
             self.predictions.labels(digit=digit)
         for reason in ("queue_full", "deadline", "cancelled"):
             self.rejected.labels(reason=reason)
+        for reason in REJECTION_REASONS:
+            self.rejected_predictions.labels(reason=reason)
         for result in ("success", "failed"):
             self.model_reloads.labels(result=result)
 

@@ -123,3 +123,15 @@ def test_drawn_real_digits_are_recognised(server: ServerThread, browser: webdriv
     target = os.environ.get("DIGITS_SAVE_SCREENSHOT")
     if target:
         shutil.copyfile(shots[0], target)
+
+
+def test_the_page_says_not_sure_instead_of_a_big_digit(browser: webdriver.Chrome) -> None:
+    """A prediction the server does not accept is shown as its reason, not as a digit. The server's
+    uncertain threshold is set above any confidence, so that every drawing is `uncertain`."""
+    images, labels = fixture_digits()
+    with ServerThread(http_port=free_port(), reject_uncertain_below=1.01) as strict:
+        browser.get(f"http://127.0.0.1:{strict.server.http_port}/")
+        draw(browser, images[0])
+        assert answer(browser) == "not sure"
+        assert browser.find_element("id", "result").get_attribute("data-verdict") == "uncertain"
+        assert browser.find_element("id", "confidence").text.startswith(f"maybe {labels[0]} (")

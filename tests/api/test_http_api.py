@@ -3,10 +3,8 @@ with image files, the page, JSON errors, the body-size limit and the metrics, on
 
 from __future__ import annotations
 
-import http.client
 import json
 import socket
-import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
@@ -19,7 +17,7 @@ from tritonclient.utils import InferenceServerException
 from service.client import DigitsClient
 from service.recognition.preprocess import normalize
 from service.server.app import StartupError
-from tests.harness import ServerThread, fixture_digits, free_port, render, wait_until
+from tests.harness import ServerThread, fixture_digits, free_port, multipart, render, request, wait_until
 
 MAX_BYTES = 256 * 1024
 
@@ -56,28 +54,6 @@ def recognized(server: ServerThread, digits) -> np.ndarray:
     return np.array([p.probabilities for p in reply.predictions], dtype=np.float32)
 
 
-def request(url: str, method: str, path: str, body: bytes | Iterator[bytes] | None = None,
-            headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
-    """One plain HTTP request (http.client: bytes on the wire as curl would send them)."""
-    host, port = url.split(":")
-    connection = http.client.HTTPConnection(host, int(port), timeout=30)
-    try:
-        chunked = body is not None and not isinstance(body, bytes)
-        connection.request(method, path, body=body, headers=headers or {}, encode_chunked=chunked)
-        response = connection.getresponse()
-        return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
-    finally:
-        connection.close()
-
-
-def multipart(field: str, filename: str | None, data: bytes, content_type: str = "image/png") -> tuple[bytes, str]:
-    boundary = uuid.uuid4().hex
-    disposition = f'form-data; name="{field}"' + (f'; filename="{filename}"' if filename else "")
-    body = (f"--{boundary}\r\nContent-Disposition: {disposition}\r\nContent-Type: {content_type}\r\n\r\n").encode()
-    body += data + f"\r\n--{boundary}--\r\n".encode()
-    return body, f"multipart/form-data; boundary={boundary}"
-
-
 def json_error(status: int, body: bytes, expected_status: int, *fragments: str) -> None:
     assert status == expected_status, body
     error = json.loads(body)["error"]
@@ -105,8 +81,9 @@ def test_health_and_metadata_with_tritonclient(server, client, url) -> None:
     assert meta == client.get_model_metadata("lenet5", version)
     assert meta["name"] == "lenet5" and meta["versions"] == [version] and meta["platform"] == "onnxruntime_onnx"
     assert meta["inputs"] == [{"name": "image", "datatype": "FP32", "shape": [-1, 1, 28, 28]}]
-    assert [o["name"] for o in meta["outputs"]] == ["logits", "probabilities"]
-    assert all(o["shape"] == [-1, 10] and o["datatype"] == "FP32" for o in meta["outputs"])
+    assert [o["name"] for o in meta["outputs"]] == ["logits", "probabilities", "accepted"]
+    assert all(o["shape"] == [-1, 10] and o["datatype"] == "FP32" for o in meta["outputs"][:2])
+    assert meta["outputs"][2] == {"name": "accepted", "datatype": "BOOL", "shape": [-1]}
     status, _, body = request(url, "GET", "/v2/health/live")
     assert (status, body) == (200, b"")  # the specification: the status is the answer, the body empty
 
@@ -212,7 +189,8 @@ def test_recognize_raw_body_and_multipart(url, server, digits) -> None:
         status, headers, reply = request(url, "POST", "/v1/recognize", body, {"Content-Type": kind})
         assert status == 200 and headers["content-type"].startswith("application/json"), reply
         answer = json.loads(reply)
-        assert set(answer) == {"digit", "confidence", "probabilities", "model"}
+        assert set(answer) == {"digit", "confidence", "probabilities", "accepted", "rejection", "model"}
+        assert answer["accepted"] is (answer["rejection"] is None)
         assert answer["model"] == {"name": "lenet5", "version": version}
         assert len(answer["probabilities"]) == 10 and abs(sum(answer["probabilities"]) - 1) < 1e-4
         assert answer["confidence"] == max(answer["probabilities"])

@@ -122,7 +122,9 @@ def test_huge_normalized_values_fail_only_their_own_request() -> None:
         assert recognizer is not None
         hostile = pb.ModelInferRequest(model_name=recognizer.model.name, inputs=[
             pb.ModelInferRequest.InferInputTensor(name="image", datatype="FP32", shape=[1, 1, 28, 28])])
-        hostile.raw_input_contents.append(np.full(784, -3e38, dtype="<f4").tobytes())
+        absurd = np.full((28, 28), -3e38, dtype="<f4")
+        absurd[8:20, 12:16] = 3e38  # a stroke, so that the image has ink and reaches the model
+        hostile.raw_input_contents.append(absurd.tobytes())
         bad = pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer.future(hostile, timeout=30)
         good = digits_pb2_grpc.DigitRecognizerStub(channel).Recognize.future(
             digits_pb2.RecognizeRequest(images=[GOOD]), timeout=30)

@@ -116,7 +116,8 @@ def test_liveness_readiness_and_metadata(server: ServerThread, client) -> None:
     # JSON renders int64 as strings (protobuf's JSON mapping).
     assert info["inputs"] == [{"name": "image", "datatype": "FP32", "shape": ["-1", "1", "28", "28"]}]
     assert info["outputs"] == [{"name": "logits", "datatype": "FP32", "shape": ["-1", "10"]},
-                               {"name": "probabilities", "datatype": "FP32", "shape": ["-1", "10"]}]
+                               {"name": "probabilities", "datatype": "FP32", "shape": ["-1", "10"]},
+                               {"name": "accepted", "datatype": "BOOL", "shape": ["-1"]}]
 
 
 def test_raw_fp32_inference_agrees_with_recognize(server, client, digits, recognized) -> None:

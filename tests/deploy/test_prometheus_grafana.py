@@ -189,7 +189,7 @@ def test_dashboard_queries_name_only_exported_metrics(exported) -> None:
             "digits_queue_wait_seconds_bucket", "digits_inference_duration_seconds_bucket",
             "digits_preprocess_duration_seconds_bucket", "digits_batch_size_bucket", "digits_queue_depth",
             "digits_queue_capacity", "digits_inflight_requests", "digits_predictions_total",
-            "digits_low_confidence_predictions_total", "digits_model_info"} <= used
+            "digits_rejected_predictions_total", "digits_model_info"} <= used
 
 
 def test_dashboard_latency_panels_show_p50_p90_p99() -> None:

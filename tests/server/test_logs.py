@@ -125,7 +125,9 @@ def test_startup_line_summarises_model_and_settings(json_run) -> None:
     assert serving["threads"] >= 1
     assert (serving["max_batch_size"], serving["max_batch_delay_ms"], serving["max_queue"]) == (64, 2.0, 2048)
     assert serving["grpc"].startswith("127.0.0.1:") and serving["metrics_port"] > 0
-    assert serving["summary_interval_s"] == 0.2 and serving["low_confidence"] == 0.6
+    assert serving["summary_interval_s"] == 0.2
+    assert serving["rejection"] == "none (every image with ink is accepted)" or serving["rejection"].startswith(
+        "not_a_digit if ")
 
 
 def test_one_line_per_failed_request_with_status_and_reason(json_run) -> None:

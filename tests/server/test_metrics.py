@@ -14,12 +14,12 @@ import grpc
 import onnxruntime as ort
 import pytest
 
-from service.client import to_image
+from service.client import REJECTIONS, to_image
 from service.gen.digits.v1 import digits_pb2, digits_pb2_grpc
 from tests.harness import SHIPPED_MODEL, Scrape, ServerThread, fixture_digits, free_port, render, scrape, wait_until
 
-# High enough that the real model's replies fall on both sides of it (the random test model's all fall below).
-LOW_CONFIDENCE = 0.99
+# High enough that the real model's replies fall on both sides of it: some are rejected as uncertain.
+UNCERTAIN_BELOW = 0.99999
 HISTOGRAMS = ("digits_request_duration_seconds", "digits_preprocess_duration_seconds",
               "digits_queue_wait_seconds", "digits_inference_duration_seconds", "digits_batch_size")
 UNDECODABLE = digits_pb2.Image(encoded=b"definitely not an image file")
@@ -59,7 +59,8 @@ def traffic() -> Iterator[tuple[Sent, Scrape, ServerThread]]:
     and a stream of 4 good images and 1 bad one, all sequential; then one scrape."""
     images, _ = fixture_digits()
     sent = Sent()
-    with ServerThread(metrics_port=free_port(), low_confidence=LOW_CONFIDENCE, max_images_per_request=8) as server, \
+    with ServerThread(metrics_port=free_port(), reject_uncertain_below=UNCERTAIN_BELOW,
+                      max_images_per_request=8) as server, \
             grpc.insecure_channel(server.target) as channel:
         stub = digits_pb2_grpc.DigitRecognizerStub(channel)
         next_digit = 0
@@ -135,12 +136,15 @@ def test_pipeline_histograms_count_every_stage_exactly(traffic) -> None:
 
 def test_predictions_by_digit_equal_the_replies(traffic) -> None:
     sent, metrics, _ = traffic
-    replied = collections.Counter(str(p.digit) for p in sent.replies)
-    assert metrics.by("digits_predictions_total", "digit") == dict(replied)
-    assert metrics.total("digits_predictions_total") == len(sent.replies) == 20
+    assert len(sent.replies) == 20
+    accepted = collections.Counter(str(p.digit) for p in sent.replies if p.accepted)
+    assert metrics.by("digits_predictions_total", "digit") == dict(accepted)
     assert {lab["digit"] for lab, _ in metrics.samples["digits_predictions_total"]} == set("0123456789")
-    low = sum(p.confidence < LOW_CONFIDENCE for p in sent.replies)
-    assert metrics.value("digits_low_confidence_predictions_total") == low
+    rejected = collections.Counter(REJECTIONS[p.rejection] for p in sent.replies if not p.accepted)
+    assert rejected["uncertain"] == sum(p.confidence < UNCERTAIN_BELOW for p in sent.replies) > 0
+    assert metrics.by("digits_rejected_predictions_total", "reason") == dict(rejected)
+    assert {lab["reason"] for lab, _ in metrics.samples["digits_rejected_predictions_total"]} == {
+        "no_ink", "not_a_digit", "uncertain"}
 
 
 def test_model_info_names_the_served_file(traffic) -> None:

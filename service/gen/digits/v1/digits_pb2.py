@@ -24,33 +24,45 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x64igits/v1/digits.proto\x12\tdigits.v1\"Y\n\tRawPixels\x12\r\n\x05width\x18\x01 \x01(\r\x12\x0e\n\x06height\x18\x02 \x01(\r\x12\x1f\n\x05\x64type\x18\x03 \x01(\x0e\x32\x10.digits.v1.DType\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\"J\n\x05Image\x12\x11\n\x07\x65ncoded\x18\x01 \x01(\x0cH\x00\x12#\n\x03raw\x18\x02 \x01(\x0b\x32\x14.digits.v1.RawPixelsH\x00\x42\t\n\x07payload\"4\n\x10RecognizeRequest\x12 \n\x06images\x18\x01 \x03(\x0b\x32\x10.digits.v1.Image\"F\n\nPrediction\x12\r\n\x05\x64igit\x18\x01 \x01(\x05\x12\x12\n\nconfidence\x18\x02 \x01(\x02\x12\x15\n\rprobabilities\x18\x03 \x03(\x02\")\n\x08ModelRef\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\"c\n\x11RecognizeResponse\x12*\n\x0bpredictions\x18\x01 \x03(\x0b\x32\x15.digits.v1.Prediction\x12\"\n\x05model\x18\x02 \x01(\x0b\x32\x13.digits.v1.ModelRef\"<\n\rStreamRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x1f\n\x05image\x18\x02 \x01(\x0b\x32\x10.digits.v1.Image\",\n\x0bStreamError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\"\xa0\x01\n\x0eStreamResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12+\n\nprediction\x18\x02 \x01(\x0b\x32\x15.digits.v1.PredictionH\x00\x12\'\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x16.digits.v1.StreamErrorH\x00\x12\"\n\x05model\x18\x04 \x01(\x0b\x32\x13.digits.v1.ModelRefB\x08\n\x06result*B\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0f\n\x0b\x44TYPE_UINT8\x10\x01\x12\x11\n\rDTYPE_FLOAT32\x10\x02\x32\xa5\x01\n\x0f\x44igitRecognizer\x12\x46\n\tRecognize\x12\x1b.digits.v1.RecognizeRequest\x1a\x1c.digits.v1.RecognizeResponse\x12J\n\x0fRecognizeStream\x12\x18.digits.v1.StreamRequest\x1a\x19.digits.v1.StreamResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x64igits/v1/digits.proto\x12\tdigits.v1\"Y\n\tRawPixels\x12\r\n\x05width\x18\x01 \x01(\r\x12\x0e\n\x06height\x18\x02 \x01(\r\x12\x1f\n\x05\x64type\x18\x03 \x01(\x0e\x32\x10.digits.v1.DType\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\"J\n\x05Image\x12\x11\n\x07\x65ncoded\x18\x01 \x01(\x0cH\x00\x12#\n\x03raw\x18\x02 \x01(\x0b\x32\x14.digits.v1.RawPixelsH\x00\x42\t\n\x07payload\"4\n\x10RecognizeRequest\x12 \n\x06images\x18\x01 \x03(\x0b\x32\x10.digits.v1.Image\"\x81\x01\n\nPrediction\x12\r\n\x05\x64igit\x18\x01 \x01(\x05\x12\x12\n\nconfidence\x18\x02 \x01(\x02\x12\x15\n\rprobabilities\x18\x03 \x03(\x02\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x04 \x01(\x08\x12\'\n\trejection\x18\x05 \x01(\x0e\x32\x14.digits.v1.Rejection\")\n\x08ModelRef\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\"c\n\x11RecognizeResponse\x12*\n\x0bpredictions\x18\x01 \x03(\x0b\x32\x15.digits.v1.Prediction\x12\"\n\x05model\x18\x02 \x01(\x0b\x32\x13.digits.v1.ModelRef\":\n\x03\x42ox\x12\t\n\x01x\x18\x01 \x01(\r\x12\t\n\x01y\x18\x02 \x01(\r\x12\r\n\x05width\x18\x03 \x01(\r\x12\x0e\n\x06height\x18\x04 \x01(\r\"S\n\tReadDigit\x12)\n\nprediction\x18\x01 \x01(\x0b\x32\x15.digits.v1.Prediction\x12\x1b\n\x03\x62ox\x18\x02 \x01(\x0b\x32\x0e.digits.v1.Box\"\x8c\x01\n\x07Reading\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x12\n\nconfidence\x18\x02 \x01(\x02\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x03 \x01(\x08\x12$\n\x06\x64igits\x18\x04 \x03(\x0b\x32\x14.digits.v1.ReadDigit\x12\'\n\trejection\x18\x05 \x01(\x0e\x32\x14.digits.v1.Rejection\"/\n\x0bReadRequest\x12 \n\x06images\x18\x01 \x03(\x0b\x32\x10.digits.v1.Image\"X\n\x0cReadResponse\x12$\n\x08readings\x18\x01 \x03(\x0b\x32\x12.digits.v1.Reading\x12\"\n\x05model\x18\x02 \x01(\x0b\x32\x13.digits.v1.ModelRef\"<\n\rStreamRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x1f\n\x05image\x18\x02 \x01(\x0b\x32\x10.digits.v1.Image\",\n\x0bStreamError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\"\xa0\x01\n\x0eStreamResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12+\n\nprediction\x18\x02 \x01(\x0b\x32\x15.digits.v1.PredictionH\x00\x12\'\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x16.digits.v1.StreamErrorH\x00\x12\"\n\x05model\x18\x04 \x01(\x0b\x32\x13.digits.v1.ModelRefB\x08\n\x06result*B\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0f\n\x0b\x44TYPE_UINT8\x10\x01\x12\x11\n\rDTYPE_FLOAT32\x10\x02*i\n\tRejection\x12\x12\n\x0eREJECTION_NONE\x10\x00\x12\x14\n\x10REJECTION_NO_INK\x10\x01\x12\x19\n\x15REJECTION_NOT_A_DIGIT\x10\x02\x12\x17\n\x13REJECTION_UNCERTAIN\x10\x03\x32\xde\x01\n\x0f\x44igitRecognizer\x12\x46\n\tRecognize\x12\x1b.digits.v1.RecognizeRequest\x1a\x1c.digits.v1.RecognizeResponse\x12J\n\x0fRecognizeStream\x12\x18.digits.v1.StreamRequest\x1a\x19.digits.v1.StreamResponse(\x01\x30\x01\x12\x37\n\x04Read\x12\x16.digits.v1.ReadRequest\x1a\x17.digits.v1.ReadResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'digits.v1.digits_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DTYPE']._serialized_start=745
-  _globals['_DTYPE']._serialized_end=811
+  _globals['_DTYPE']._serialized_start=1232
+  _globals['_DTYPE']._serialized_end=1298
+  _globals['_REJECTION']._serialized_start=1300
+  _globals['_REJECTION']._serialized_end=1405
   _globals['_RAWPIXELS']._serialized_start=37
   _globals['_RAWPIXELS']._serialized_end=126
   _globals['_IMAGE']._serialized_start=128
   _globals['_IMAGE']._serialized_end=202
   _globals['_RECOGNIZEREQUEST']._serialized_start=204
   _globals['_RECOGNIZEREQUEST']._serialized_end=256
-  _globals['_PREDICTION']._serialized_start=258
-  _globals['_PREDICTION']._serialized_end=328
-  _globals['_MODELREF']._serialized_start=330
-  _globals['_MODELREF']._serialized_end=371
-  _globals['_RECOGNIZERESPONSE']._serialized_start=373
-  _globals['_RECOGNIZERESPONSE']._serialized_end=472
-  _globals['_STREAMREQUEST']._serialized_start=474
-  _globals['_STREAMREQUEST']._serialized_end=534
-  _globals['_STREAMERROR']._serialized_start=536
-  _globals['_STREAMERROR']._serialized_end=580
-  _globals['_STREAMRESPONSE']._serialized_start=583
-  _globals['_STREAMRESPONSE']._serialized_end=743
-  _globals['_DIGITRECOGNIZER']._serialized_start=814
-  _globals['_DIGITRECOGNIZER']._serialized_end=979
+  _globals['_PREDICTION']._serialized_start=259
+  _globals['_PREDICTION']._serialized_end=388
+  _globals['_MODELREF']._serialized_start=390
+  _globals['_MODELREF']._serialized_end=431
+  _globals['_RECOGNIZERESPONSE']._serialized_start=433
+  _globals['_RECOGNIZERESPONSE']._serialized_end=532
+  _globals['_BOX']._serialized_start=534
+  _globals['_BOX']._serialized_end=592
+  _globals['_READDIGIT']._serialized_start=594
+  _globals['_READDIGIT']._serialized_end=677
+  _globals['_READING']._serialized_start=680
+  _globals['_READING']._serialized_end=820
+  _globals['_READREQUEST']._serialized_start=822
+  _globals['_READREQUEST']._serialized_end=869
+  _globals['_READRESPONSE']._serialized_start=871
+  _globals['_READRESPONSE']._serialized_end=959
+  _globals['_STREAMREQUEST']._serialized_start=961
+  _globals['_STREAMREQUEST']._serialized_end=1021
+  _globals['_STREAMERROR']._serialized_start=1023
+  _globals['_STREAMERROR']._serialized_end=1067
+  _globals['_STREAMRESPONSE']._serialized_start=1070
+  _globals['_STREAMRESPONSE']._serialized_end=1230
+  _globals['_DIGITRECOGNIZER']._serialized_start=1408
+  _globals['_DIGITRECOGNIZER']._serialized_end=1630
 # @@protoc_insertion_point(module_scope)

@@ -12,9 +12,20 @@ class DType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     DTYPE_UNSPECIFIED: _ClassVar[DType]
     DTYPE_UINT8: _ClassVar[DType]
     DTYPE_FLOAT32: _ClassVar[DType]
+
+class Rejection(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    REJECTION_NONE: _ClassVar[Rejection]
+    REJECTION_NO_INK: _ClassVar[Rejection]
+    REJECTION_NOT_A_DIGIT: _ClassVar[Rejection]
+    REJECTION_UNCERTAIN: _ClassVar[Rejection]
 DTYPE_UNSPECIFIED: DType
 DTYPE_UINT8: DType
 DTYPE_FLOAT32: DType
+REJECTION_NONE: Rejection
+REJECTION_NO_INK: Rejection
+REJECTION_NOT_A_DIGIT: Rejection
+REJECTION_UNCERTAIN: Rejection
 
 class RawPixels(_message.Message):
     __slots__ = ("width", "height", "dtype", "data")
@@ -43,14 +54,18 @@ class RecognizeRequest(_message.Message):
     def __init__(self, images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ...) -> None: ...
 
 class Prediction(_message.Message):
-    __slots__ = ("digit", "confidence", "probabilities")
+    __slots__ = ("digit", "confidence", "probabilities", "accepted", "rejection")
     DIGIT_FIELD_NUMBER: _ClassVar[int]
     CONFIDENCE_FIELD_NUMBER: _ClassVar[int]
     PROBABILITIES_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    REJECTION_FIELD_NUMBER: _ClassVar[int]
     digit: int
     confidence: float
     probabilities: _containers.RepeatedScalarFieldContainer[float]
-    def __init__(self, digit: _Optional[int] = ..., confidence: _Optional[float] = ..., probabilities: _Optional[_Iterable[float]] = ...) -> None: ...
+    accepted: bool
+    rejection: Rejection
+    def __init__(self, digit: _Optional[int] = ..., confidence: _Optional[float] = ..., probabilities: _Optional[_Iterable[float]] = ..., accepted: _Optional[bool] = ..., rejection: _Optional[_Union[Rejection, str]] = ...) -> None: ...
 
 class ModelRef(_message.Message):
     __slots__ = ("name", "version")
@@ -67,6 +82,54 @@ class RecognizeResponse(_message.Message):
     predictions: _containers.RepeatedCompositeFieldContainer[Prediction]
     model: ModelRef
     def __init__(self, predictions: _Optional[_Iterable[_Union[Prediction, _Mapping]]] = ..., model: _Optional[_Union[ModelRef, _Mapping]] = ...) -> None: ...
+
+class Box(_message.Message):
+    __slots__ = ("x", "y", "width", "height")
+    X_FIELD_NUMBER: _ClassVar[int]
+    Y_FIELD_NUMBER: _ClassVar[int]
+    WIDTH_FIELD_NUMBER: _ClassVar[int]
+    HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    x: int
+    y: int
+    width: int
+    height: int
+    def __init__(self, x: _Optional[int] = ..., y: _Optional[int] = ..., width: _Optional[int] = ..., height: _Optional[int] = ...) -> None: ...
+
+class ReadDigit(_message.Message):
+    __slots__ = ("prediction", "box")
+    PREDICTION_FIELD_NUMBER: _ClassVar[int]
+    BOX_FIELD_NUMBER: _ClassVar[int]
+    prediction: Prediction
+    box: Box
+    def __init__(self, prediction: _Optional[_Union[Prediction, _Mapping]] = ..., box: _Optional[_Union[Box, _Mapping]] = ...) -> None: ...
+
+class Reading(_message.Message):
+    __slots__ = ("text", "confidence", "accepted", "digits", "rejection")
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    CONFIDENCE_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    DIGITS_FIELD_NUMBER: _ClassVar[int]
+    REJECTION_FIELD_NUMBER: _ClassVar[int]
+    text: str
+    confidence: float
+    accepted: bool
+    digits: _containers.RepeatedCompositeFieldContainer[ReadDigit]
+    rejection: Rejection
+    def __init__(self, text: _Optional[str] = ..., confidence: _Optional[float] = ..., accepted: _Optional[bool] = ..., digits: _Optional[_Iterable[_Union[ReadDigit, _Mapping]]] = ..., rejection: _Optional[_Union[Rejection, str]] = ...) -> None: ...
+
+class ReadRequest(_message.Message):
+    __slots__ = ("images",)
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
+    images: _containers.RepeatedCompositeFieldContainer[Image]
+    def __init__(self, images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ...) -> None: ...
+
+class ReadResponse(_message.Message):
+    __slots__ = ("readings", "model")
+    READINGS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    readings: _containers.RepeatedCompositeFieldContainer[Reading]
+    model: ModelRef
+    def __init__(self, readings: _Optional[_Iterable[_Union[Reading, _Mapping]]] = ..., model: _Optional[_Union[ModelRef, _Mapping]] = ...) -> None: ...
 
 class StreamRequest(_message.Message):
     __slots__ = ("id", "image")

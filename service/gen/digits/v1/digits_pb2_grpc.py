@@ -45,6 +45,11 @@ class DigitRecognizerStub:
                 request_serializer=digits_dot_v1_dot_digits__pb2.StreamRequest.SerializeToString,
                 response_deserializer=digits_dot_v1_dot_digits__pb2.StreamResponse.FromString,
                 _registered_method=True)
+        self.Read = channel.unary_unary(
+                '/digits.v1.DigitRecognizer/Read',
+                request_serializer=digits_dot_v1_dot_digits__pb2.ReadRequest.SerializeToString,
+                response_deserializer=digits_dot_v1_dot_digits__pb2.ReadResponse.FromString,
+                _registered_method=True)
 
 
 class DigitRecognizerServicer:
@@ -66,6 +71,14 @@ class DigitRecognizerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Read(self, request, context):
+        """Read 1..N images that each hold one line of 1..20 digits (a ZIP code, an amount, a meter reading).
+        The reply holds one reading per image, in request order.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DigitRecognizerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -78,6 +91,11 @@ def add_DigitRecognizerServicer_to_server(servicer, server):
                     servicer.RecognizeStream,
                     request_deserializer=digits_dot_v1_dot_digits__pb2.StreamRequest.FromString,
                     response_serializer=digits_dot_v1_dot_digits__pb2.StreamResponse.SerializeToString,
+            ),
+            'Read': grpc.unary_unary_rpc_method_handler(
+                    servicer.Read,
+                    request_deserializer=digits_dot_v1_dot_digits__pb2.ReadRequest.FromString,
+                    response_serializer=digits_dot_v1_dot_digits__pb2.ReadResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -135,6 +153,33 @@ class DigitRecognizer:
             '/digits.v1.DigitRecognizer/RecognizeStream',
             digits_dot_v1_dot_digits__pb2.StreamRequest.SerializeToString,
             digits_dot_v1_dot_digits__pb2.StreamResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Read(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/digits.v1.DigitRecognizer/Read',
+            digits_dot_v1_dot_digits__pb2.ReadRequest.SerializeToString,
+            digits_dot_v1_dot_digits__pb2.ReadResponse.FromString,
             options,
             channel_credentials,
             insecure,
