@@ -9,10 +9,12 @@ from typing import Any
 
 import grpc
 
-from service.api.tracking import RequestTracker, deadline_of
+from service.api.messages import Undecodable, add_tolerant
+from service.api.tracking import RequestTracker, abort, clip, deadline_of
 from service.gen.digits.v1 import digits_pb2, digits_pb2_grpc
 from service.recognition.preprocess import Payload, RawImage
 from service.recognition.recognizer import Recognition, RecognizeError, Recognizer
+from service.telemetry.logs import short
 from service.telemetry.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -63,11 +65,14 @@ class DigitRecognizerServicer(digits_pb2_grpc.DigitRecognizerServicer):
 
     async def Recognize(self, request: digits_pb2.RecognizeRequest,
                         context: grpc.aio.ServicerContext) -> digits_pb2.RecognizeResponse:
-        self._metrics.images.labels(rpc="Recognize").inc(len(request.images))
         error: RecognizeError | None = None
         deadline = deadline_of(context)
         with self._unary.track(context.peer(), deadline) as outcome:
             try:
+                # Counted once the request's size is known to be acceptable: a refused request of
+                # millions of empty images must not add millions to the counter.
+                self._recognizer.check_count(len(request.images))
+                self._metrics.images.labels(rpc="Recognize").inc(len(request.images))
                 payloads = [to_payload(image, i) for i, image in enumerate(request.images)]
                 recognition = await self._recognizer.recognize(payloads, deadline)
             except RecognizeError as exc:
@@ -77,30 +82,36 @@ class DigitRecognizerServicer(digits_pb2_grpc.DigitRecognizerServicer):
                 return digits_pb2.RecognizeResponse(predictions=predictions(recognition),
                                                     model=model_ref(recognition))
         assert error is not None
-        await context.abort(grpc.StatusCode[error.code], error.message)
+        await abort(context, error.code, error.message)
         raise AssertionError("unreachable: abort raises")
 
     async def RecognizeStream(self, request_iterator: AsyncIterator[digits_pb2.StreamRequest],
                               context: grpc.aio.ServicerContext) -> AsyncIterator[digits_pb2.StreamResponse]:
         """Every image is recognized concurrently (so a stream's images batch together); answers
-        go out as they are ready, each carrying its request's id."""
-        answers: asyncio.Queue[digits_pb2.StreamResponse | None] = asyncio.Queue()
-        # Backpressure: stop reading the stream (HTTP/2 flow control does the rest) while this many
-        # of its images are unanswered.
-        window = asyncio.Semaphore(max(1, 4 * self._recognizer.config.max_batch_size))
+        go out as they are ready, each carrying its request's id.
+
+        Backpressure: at most `window` of the stream's images are in the server at once, counted from
+        when a message is read until its answer has been written to the client. A client that writes
+        and never reads therefore sees the server stop reading its stream (HTTP/2 flow control does the
+        rest), and the server holds at most `window` answers for it.
+        """
+        window_size = max(1, 4 * self._recognizer.config.max_batch_size)
+        window = asyncio.Semaphore(window_size)
+        answers: asyncio.Queue[digits_pb2.StreamResponse | None] = asyncio.Queue(maxsize=window_size + 1)
         deadline = deadline_of(context)
         peer = context.peer()
+        refused: list[RecognizeError] = []
 
         async def answer(message: digits_pb2.StreamRequest) -> None:
-            try:
-                await answers.put(await self._one(message, deadline, peer))
-            finally:
-                window.release()
+            await answers.put(await self._one(message, deadline, peer))
 
         async def read() -> None:
             tasks: set[asyncio.Task[None]] = set()
             try:
                 async for message in request_iterator:
+                    if isinstance(message, Undecodable):
+                        refused.append(RecognizeError("INVALID_ARGUMENT", f"stream message: {message.message}"))
+                        break
                     await window.acquire()
                     self._metrics.images.labels(rpc="RecognizeStream").inc()
                     task = asyncio.create_task(answer(message))
@@ -116,27 +127,32 @@ class DigitRecognizerServicer(digits_pb2_grpc.DigitRecognizerServicer):
         reader = asyncio.create_task(read())
         try:
             while (reply := await answers.get()) is not None:
-                yield reply
-            await reader  # surfaces a read error (e.g. a malformed message) as the stream's status
+                yield reply  # returns once grpc has taken the message for the wire
+                window.release()
+            await reader  # surfaces a read error as the stream's status
         finally:
             reader.cancel()
+        if refused:
+            with self._stream.track(peer, deadline) as outcome:
+                outcome["code"], outcome["reason"] = refused[0].code, refused[0].message
+            await abort(context, refused[0].code, refused[0].message)
 
     async def _one(self, message: digits_pb2.StreamRequest, deadline: float | None,
                    peer: str) -> digits_pb2.StreamResponse:
         with self._stream.track(peer, deadline) as outcome:
             try:
                 if not message.HasField("image"):
-                    raise RecognizeError("INVALID_ARGUMENT", f"stream message {message.id!r} has no image")
+                    raise RecognizeError("INVALID_ARGUMENT", f"stream message {short(message.id)} has no image")
                 recognition = await self._recognizer.recognize([to_payload(message.image, 0)], deadline)
             except RecognizeError as exc:
                 outcome["code"], outcome["reason"] = exc.code, exc.message
                 model = self._recognizer.model
                 return digits_pb2.StreamResponse(
-                    id=message.id, error=digits_pb2.StreamError(code=exc.code, message=exc.message),
+                    id=message.id, error=digits_pb2.StreamError(code=exc.code, message=clip(exc.message)),
                     model=digits_pb2.ModelRef(name=model.name, version=model.version))
             prediction = next(predictions(recognition))
             return digits_pb2.StreamResponse(id=message.id, prediction=prediction, model=model_ref(recognition))
 
 
-def add_to_server(servicer: DigitRecognizerServicer, server: Any) -> None:
-    digits_pb2_grpc.add_DigitRecognizerServicer_to_server(servicer, server)
+def add_to_server(servicer: DigitRecognizerServicer, server: Any, metrics: Metrics) -> None:
+    add_tolerant(digits_pb2_grpc.add_DigitRecognizerServicer_to_server, servicer, server, metrics)

@@ -16,6 +16,7 @@ Bodies larger than --max-message-bytes are refused with 413 before they are read
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import logging
 from collections.abc import Awaitable, Callable
@@ -27,8 +28,8 @@ from aiohttp import BodyPartReader, web
 from service.api import v2_tensors
 from service.api.tracking import RequestTracker
 from service.api.v2_grpc import SERVER_NAME, server_version
-from service.api.v2_tensors import brief
 from service.recognition.recognizer import Recognition, RecognizeError, Recognizer
+from service.telemetry.logs import short
 from service.telemetry.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,10 @@ HTTP_STATUS = {
 }
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+# JSON documents bigger than this are parsed on a thread, not on the event loop.
+INLINE_JSON_BYTES = 256 * 1024
+# Parts a multipart upload may have: the image, and a few form fields a browser may add.
+MAX_PARTS = 16
 
 
 class HttpError(RecognizeError):
@@ -129,6 +134,13 @@ class HttpApi:
             if length is not None and length > self._max_bytes:
                 # Refused from the header alone: nothing of the body is read.
                 return error_response(_too_large(length, self._max_bytes))
+            encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
+            if request.method == "POST" and encoding not in ("", "identity"):
+                # A compressed body's size says nothing of what it inflates to (2 MB of gzip can be
+                # 2 GiB); images are compressed already and tensors go as binary data. So: refused.
+                return error_response(HttpError(
+                    415, "INVALID_ARGUMENT", f"Content-Encoding {short(encoding)} is not accepted on uploads; "
+                                             "send the body uncompressed"))
             return await handler(request)
         except RecognizeError as exc:
             return error_response(exc)
@@ -198,18 +210,23 @@ class HttpApi:
         model = self._recognizer.model
         body = await self._read(request)
         header, binary = _split_binary(body, request.headers.get(HEADER_LENGTH))
-        doc = _json_object(header)
+        # Parsing a big JSON document (millions of keys or values) takes long enough to stall every
+        # other request on the event loop: big ones go to a thread.
+        big = len(header) > INLINE_JSON_BYTES
+        doc = await asyncio.to_thread(_json_object, header) if big else _json_object(header)
         inputs = doc.get("inputs")
         if not isinstance(inputs, list) or not all(isinstance(i, dict) for i in inputs):
             raise RecognizeError("INVALID_ARGUMENT", "'inputs' must be a list of tensor objects")
         v2_tensors.check_input_names([str(i.get("name")) for i in inputs], model.metadata)
-        tensor = _input(inputs[0], binary, model.metadata)
+        tensor = await asyncio.to_thread(_input, inputs[0], binary, model.metadata) if big else \
+            _input(inputs[0], binary, model.metadata)
         outputs = doc.get("outputs") or []
         if not isinstance(outputs, list) or not all(isinstance(o, dict) for o in outputs):
             raise RecognizeError("INVALID_ARGUMENT", "'outputs' must be a list of objects with a 'name'")
         names = v2_tensors.select_outputs([str(o.get("name")) for o in outputs], model)
-        binary_default = bool(_parameters(doc).get("binary_data_output", False))
-        binary_out = {str(o.get("name")): bool(_parameters(o).get("binary_data", binary_default)) for o in outputs}
+        binary_default = _flag(_parameters(doc), "binary_data_output", False)
+        binary_out = {str(o.get("name")): _flag(_parameters(o), "binary_data", binary_default) for o in outputs}
+        self._recognizer.check_count(tensor.count)
         self._metrics.images.labels(rpc=INFER_ROUTE).inc(tensor.count)
         recognition = await v2_tensors.recognize(self._recognizer, tensor, None)
         reply: dict[str, Any] = {"model_name": recognition.model.name,
@@ -258,27 +275,42 @@ class HttpApi:
         return body
 
     async def _multipart_image(self, request: web.Request) -> bytes:
+        """The first file part (or field `image`). Every part, file or not, is read and counted against
+        --max-message-bytes, at most MAX_PARTS of them, none nested: a multipart body costs no more than
+        a raw one of the same size."""
+        budget = [self._max_bytes]
+        image: bytes | None = None
         try:
             reader = await request.multipart()
-            while (part := await reader.next()) is not None:
-                if isinstance(part, BodyPartReader) and (part.name == "image" or part.filename):
-                    data = await self._read_part(part, request.content_length)
+            for count in itertools.count(1):
+                part = await reader.next()
+                if part is None:
+                    break
+                if count > MAX_PARTS:
+                    raise RecognizeError("INVALID_ARGUMENT", f"multipart/form-data body has more than {MAX_PARTS} "
+                                                             "parts; send the image as field 'image'")
+                if not isinstance(part, BodyPartReader):
+                    raise RecognizeError("INVALID_ARGUMENT", "nested multipart bodies are not accepted")
+                data = await self._read_part(part, request.content_length, budget)
+                if image is None and (part.name == "image" or part.filename):
                     if not data:
-                        raise RecognizeError("INVALID_ARGUMENT", f"multipart field {part.name!r} is empty")
-                    return data
-        except (ValueError, AssertionError) as exc:  # aiohttp's errors for malformed multipart bodies
+                        raise RecognizeError("INVALID_ARGUMENT", f"multipart field {short(part.name)} is empty")
+                    image = data
+        except (ValueError, AssertionError, RecursionError) as exc:  # aiohttp's errors for malformed bodies
             raise RecognizeError("INVALID_ARGUMENT",
-                                 f"malformed multipart/form-data body: {brief(str(exc), 120)}") from exc
-        raise RecognizeError("INVALID_ARGUMENT",
-                             "multipart/form-data body has no file field: send the image as field 'image'")
+                                 f"malformed multipart/form-data body: {short(str(exc))}") from exc
+        if image is None:
+            raise RecognizeError("INVALID_ARGUMENT",
+                                 "multipart/form-data body has no file field: send the image as field 'image'")
+        return image
 
-    async def _read_part(self, part: BodyPartReader, declared: int | None) -> bytes:
-        # A multipart stream is not bounded by client_max_size: count while reading (chunked uploads).
+    async def _read_part(self, part: BodyPartReader, declared: int | None, budget: list[int]) -> bytes:
+        # A multipart stream is not bounded by client_max_size: count while reading (chunked uploads),
+        # every part against one budget for the whole body.
         chunks: list[bytes] = []
-        size = 0
         while chunk := await part.read_chunk():
-            size += len(chunk)
-            if size > self._max_bytes:
+            budget[0] -= len(chunk)
+            if budget[0] < 0:
                 raise _too_large(declared, self._max_bytes)
             chunks.append(chunk)
         return b"".join(chunks)
@@ -325,10 +357,20 @@ def _json_object(text: bytes) -> dict[str, Any]:
     try:
         doc = json.loads(text)
     except (ValueError, UnicodeDecodeError) as exc:
-        raise RecognizeError("INVALID_ARGUMENT", f"request body is not valid JSON: {exc}") from exc
+        raise RecognizeError("INVALID_ARGUMENT", f"request body is not valid JSON: {short(str(exc))}") from exc
+    except RecursionError:
+        raise RecognizeError("INVALID_ARGUMENT", "request body is JSON nested too deeply") from None
     if not isinstance(doc, dict):
         raise RecognizeError("INVALID_ARGUMENT", "request body must be a JSON object with 'inputs'")
     return doc
+
+
+def _flag(params: dict[str, Any], name: str, default: bool) -> bool:
+    """A boolean parameter: JSON true or false, nothing else ("no" is not false, it is a mistake)."""
+    value = params.get(name, default)
+    if not isinstance(value, bool):
+        raise RecognizeError("INVALID_ARGUMENT", f"parameter {name!r} must be true or false, got {short(value)}")
+    return value
 
 
 def _parameters(obj: dict[str, Any]) -> dict[str, Any]:
@@ -342,20 +384,20 @@ def _input(tensor: dict[str, Any], binary: bytes, meta: Any) -> v2_tensors.Input
     name, datatype, shape = tensor.get("name"), tensor.get("datatype"), tensor.get("shape")
     if not isinstance(datatype, str) or not isinstance(shape, list):
         raise RecognizeError("INVALID_ARGUMENT",
-                             f"input {brief(name)} needs 'datatype' (a string) and 'shape' (a list of integers)")
+                             f"input {short(name)} needs 'datatype' (a string) and 'shape' (a list of integers)")
     size = _parameters(tensor).get("binary_data_size")
     if size is None:
         if binary:
             raise RecognizeError("INVALID_ARGUMENT",
-                                 f"the body has {len(binary)} bytes of binary data but input {brief(name)} has no "
+                                 f"the body has {len(binary)} bytes of binary data but input {short(name)} has no "
                                  "parameters.binary_data_size")
         if "data" not in tensor:
-            raise RecognizeError("INVALID_ARGUMENT", f"input {brief(name)} has no 'data'")
+            raise RecognizeError("INVALID_ARGUMENT", f"input {short(name)} has no 'data'")
         return v2_tensors.from_values(str(name), datatype, shape, tensor["data"], meta)
     if not isinstance(size, int) or isinstance(size, bool) or size != len(binary):
         raise RecognizeError(
             "INVALID_ARGUMENT",
-            f"input {brief(name)} declares binary_data_size {brief(size)}; the body carries {len(binary)} bytes after "
+            f"input {short(name)} declares binary_data_size {short(size)}; the body carries {len(binary)} bytes after "
             f"the {HEADER_LENGTH} JSON header")
     return v2_tensors.from_raw(str(name), datatype, shape, binary, meta)
 

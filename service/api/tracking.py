@@ -12,10 +12,29 @@ from collections.abc import Iterator
 import grpc
 
 from service.recognition.recognizer import RecognizeError
-from service.telemetry.logs import fields
+from service.telemetry.logs import RateLimitedLog
 from service.telemetry.metrics import Metrics
 
 log = logging.getLogger(__name__)
+
+# Every message a client gets stays far below gRPC's 8 KiB metadata limit (an oversized status message
+# turns the reply into RESOURCE_EXHAUSTED "received metadata size exceeds hard limit"); the parts of
+# it that quote the client are cut shorter still where they are built (telemetry.logs.short).
+MAX_MESSAGE_CHARS = 1024
+FAILURE_LINES_PER_SECOND = 10
+
+
+def clip(message: str) -> str:
+    """A status message as it goes on the wire and into the log: at most MAX_MESSAGE_CHARS."""
+    return message if len(message) <= MAX_MESSAGE_CHARS else message[:MAX_MESSAGE_CHARS - 1] + "…"
+
+
+async def abort(context: grpc.aio.ServicerContext, code: str, message: str) -> None:
+    """End the call with `code`; for a caller that has already gone, just stop (writing a status to a
+    cancelled call is what makes grpc log an ExecuteBatchError traceback)."""
+    if context.cancelled():
+        raise asyncio.CancelledError
+    await context.abort(grpc.StatusCode[code], clip(message))
 
 
 def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
@@ -35,6 +54,9 @@ class RequestTracker:
     def __init__(self, metrics: Metrics, rpc: str) -> None:
         self._metrics = metrics
         self._rpc = rpc
+        # One line per failed request, but at most FAILURE_LINES_PER_SECOND per status code: a flood of
+        # bad requests is counted in full by the metrics, and summarised in the log.
+        self._failures = RateLimitedLog(log, FAILURE_LINES_PER_SECOND)
 
     @contextlib.contextmanager
     def track(self, peer: str = "", deadline: float | None = None) -> Iterator[dict[str, str]]:
@@ -63,5 +85,5 @@ class RequestTracker:
             self._metrics.requests.labels(rpc=self._rpc, code=outcome["code"]).inc()
             self._metrics.request_seconds.labels(rpc=self._rpc).observe(time.perf_counter() - started)
             if outcome["code"] != "OK":
-                log.warning("request failed", extra=fields(rpc=self._rpc, code=outcome["code"],
-                                                           reason=outcome.get("reason", ""), peer=peer))
+                self._failures.warning((outcome["code"],), "request failed", rpc=self._rpc, code=outcome["code"],
+                                       reason=clip(outcome.get("reason", "")), peer=peer)

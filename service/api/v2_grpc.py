@@ -8,6 +8,7 @@ for any method a server does not register.
 
 from __future__ import annotations
 
+import asyncio
 import importlib.metadata
 from collections.abc import Callable
 from typing import Any
@@ -16,7 +17,8 @@ import grpc
 from google.protobuf import descriptor_pool
 
 from service.api import v2_tensors
-from service.api.tracking import RequestTracker, deadline_of
+from service.api.messages import add_tolerant
+from service.api.tracking import RequestTracker, abort, deadline_of
 from service.gen.inference import grpc_predict_v2_pb2 as pb
 from service.gen.inference import grpc_predict_v2_pb2_grpc as pb_grpc
 from service.recognition.recognizer import RecognizeError, Recognizer
@@ -81,7 +83,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 outcome["code"], outcome["reason"] = exc.code, exc.message
                 error = exc
         assert error is not None
-        await context.abort(grpc.StatusCode[error.code], error.message)
+        await abort(context, error.code, error.message)
         raise AssertionError("unreachable: abort raises")
 
     async def _infer(self, request: pb.ModelInferRequest, deadline: float | None) -> pb.ModelInferResponse:
@@ -89,8 +91,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         v2_tensors.check_model(model, request.model_name, request.model_version)
         v2_tensors.check_input_names([tensor.name for tensor in request.inputs], model.metadata)
         raw = len(request.raw_input_contents) > 0
-        tensor = _input(request, model.metadata, raw)
+        if not raw and v2_tensors.typed_values(request.inputs[0].contents) > v2_tensors.INLINE_VALUES:
+            # Turning millions of protobuf floats into an array takes a while: not on the event loop.
+            tensor = await asyncio.to_thread(_input, request, model.metadata, raw)
+        else:
+            tensor = _input(request, model.metadata, raw)
         names = v2_tensors.select_outputs([out.name for out in request.outputs], model)
+        self._recognizer.check_count(tensor.count)
         self._metrics.images.labels(rpc="ModelInfer").inc(tensor.count)
         recognition = await v2_tensors.recognize(self._recognizer, tensor, deadline)
         reply = pb.ModelInferResponse(model_name=recognition.model.name,
@@ -111,7 +118,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         try:
             v2_tensors.check_model(self._recognizer.model, name, version)
         except RecognizeError as exc:
-            await context.abort(grpc.StatusCode[exc.code], exc.message)
+            await abort(context, exc.code, exc.message)
 
 
 def _input(request: pb.ModelInferRequest, meta: Any, raw: bool) -> v2_tensors.InputTensor:
@@ -182,5 +189,5 @@ class ReflectionPool:
         return message.file.pool.FindAllExtensions(message)
 
 
-def add_to_server(servicer: InferenceServicer, server: Any) -> None:
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
+def add_to_server(servicer: InferenceServicer, server: Any, metrics: Metrics) -> None:
+    add_tolerant(pb_grpc.add_GRPCInferenceServiceServicer_to_server, servicer, server, metrics)

@@ -23,6 +23,7 @@ import numpy as np
 from service.recognition.model import LoadedModel
 from service.recognition.model_metadata import ModelMetadata
 from service.recognition.recognizer import Recognition, RecognizeError, Recognizer
+from service.telemetry.logs import short
 
 # Little-endian on the wire, as the specification requires for raw contents.
 DATATYPES: dict[str, np.dtype[Any]] = {"FP32": np.dtype("<f4"), "UINT8": np.dtype("u1")}
@@ -32,12 +33,9 @@ OUTPUT_DATATYPE = "FP32"
 ACCEPTED_OUTPUT = "accepted"
 ACCEPTED_DATATYPE = "BOOL"
 PLATFORM = "onnxruntime_onnx"
-
-
-def brief(value: Any, limit: int = 60) -> str:
-    """repr() of a client-supplied value, cut short: error messages (and the logs) stay small."""
-    text = repr(value)
-    return text if len(text) <= limit else text[:limit] + "..."
+# Tensors given as more values than this (JSON lists, protobuf typed contents) are parsed off the event
+# loop: converting them takes tens of ms per million values, which would stall every other call.
+INLINE_VALUES = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -75,12 +73,17 @@ def model_outputs(model: LoadedModel) -> list[TensorSpec]:
             TensorSpec(ACCEPTED_OUTPUT, ACCEPTED_DATATYPE, (-1,))]
 
 
+def typed_values(contents: Any) -> int:
+    """How many values a protobuf InferTensorContents carries, in all of its typed fields."""
+    return sum(len(values) for _, values in contents.ListFields())
+
+
 def check_model(model: LoadedModel, name: str, version: str) -> None:
     """NOT_FOUND unless `name` is the served model and `version` is empty or its version."""
     if name != model.name:
-        raise RecognizeError("NOT_FOUND", f"unknown model {brief(name)}; this server serves {model.name!r}")
+        raise RecognizeError("NOT_FOUND", f"unknown model {short(name)}; this server serves {model.name!r}")
     if version not in ("", model.version):
-        raise RecognizeError("NOT_FOUND", f"model {brief(name)} has no version {brief(version)}; "
+        raise RecognizeError("NOT_FOUND", f"model {short(name)} has no version {short(version)}; "
                                           f"the served version is {model.version!r}")
 
 
@@ -92,7 +95,7 @@ def check_input_names(names: Sequence[str], meta: ModelMetadata) -> None:
             f"request has {len(names)} input tensors; model takes exactly one, {meta.input_name!r}")
     if names[0] != meta.input_name:
         raise RecognizeError(
-            "INVALID_ARGUMENT", f"unknown input {brief(names[0])}; the model's input is {meta.input_name!r}")
+            "INVALID_ARGUMENT", f"unknown input {short(names[0])}; the model's input is {meta.input_name!r}")
 
 
 def _dtype(name: str, datatype: str) -> np.dtype[Any]:
@@ -100,7 +103,7 @@ def _dtype(name: str, datatype: str) -> np.dtype[Any]:
     if dtype is None:
         raise RecognizeError(
             "INVALID_ARGUMENT",
-            f"input {brief(name)} has datatype {brief(datatype)}; send FP32 (normalized, the model's input space) "
+            f"input {short(name)} has datatype {short(datatype)}; send FP32 (normalized, the model's input space) "
             "or UINT8 (raw pixels 0..255, ink bright on dark)")
     return dtype
 
@@ -109,13 +112,18 @@ def parse_shape(name: str, shape: Sequence[Any], meta: ModelMetadata) -> tuple[i
     """The shape must be [n, 1, H, W] with the model's channels, height and width."""
     # bool is an int subclass; JSON `true` is not a dimension.
     if not all(isinstance(d, int | np.integer) and not isinstance(d, bool) for d in shape):
-        raise RecognizeError("INVALID_ARGUMENT", f"input {brief(name)} shape {brief(list(shape))} must be integers")
+        raise RecognizeError("INVALID_ARGUMENT", f"input {short(name)} shape {short(list(shape))} must be integers")
     dims = tuple(int(d) for d in shape)
     expected = (-1, *meta.input_shape)
-    if len(dims) != len(expected) or dims[1:] != expected[1:] or dims[0] < 0:
+    if len(dims) == len(expected) and dims[0] < 0:
         raise RecognizeError(
             "INVALID_ARGUMENT",
-            f"input {brief(name)} has shape {brief(list(dims))}; expected {list(expected)} (n images of "
+            f"input {short(name)} has batch dimension {dims[0]}: a request says how many images it sends "
+            f"(-1 is only how metadata marks the dimension as variable)")
+    if len(dims) != len(expected) or dims[1:] != expected[1:]:
+        raise RecognizeError(
+            "INVALID_ARGUMENT",
+            f"input {short(name)} has shape {short(list(dims))}; expected {list(expected)} (n images of "
             f"{'x'.join(map(str, meta.input_shape))})")
     return dims
 
@@ -125,7 +133,7 @@ def _finish(name: str, datatype: str, flat: np.ndarray, dims: tuple[int, ...]) -
         return InputTensor(flat.reshape(dims[0], dims[2], dims[3]), normalized=False)
     tensor = flat.reshape(dims)
     if not np.isfinite(tensor).all():
-        raise RecognizeError("INVALID_ARGUMENT", f"input {brief(name)} contains NaN or infinity")
+        raise RecognizeError("INVALID_ARGUMENT", f"input {short(name)} contains NaN or infinity")
     return InputTensor(tensor, normalized=True)
 
 
@@ -138,7 +146,7 @@ def from_raw(name: str, datatype: str, shape: Sequence[Any], data: bytes,
     if len(data) != count * dtype.itemsize:
         raise RecognizeError(
             "INVALID_ARGUMENT",
-            f"input {brief(name)} has {len(data)} bytes of raw contents; shape {list(dims)} of {datatype} "
+            f"input {short(name)} has {len(data)} bytes of raw contents; shape {list(dims)} of {datatype} "
             f"needs {count * dtype.itemsize}")
     return _finish(name, datatype, np.frombuffer(data, dtype=dtype), dims)
 
@@ -150,17 +158,24 @@ def from_values(name: str, datatype: str, shape: Sequence[Any], values: Any,
     dims = parse_shape(name, shape, meta)
     count = math.prod(dims)  # Python ints: a hostile shape cannot overflow
     try:
-        flat = np.asarray(values, dtype=np.float64).reshape(-1)
-    except (ValueError, TypeError) as exc:
+        array = np.asarray(values)
+    except (ValueError, TypeError, RecursionError) as exc:
         raise RecognizeError(
-            "INVALID_ARGUMENT", f"input {brief(name)} data must be a (nested) list of numbers") from exc
+            "INVALID_ARGUMENT", f"input {short(name)} data must be a (nested) list of numbers") from exc
+    # Numbers only: numpy would turn "5" into 5.0 and true into 1.0 if asked for floats straight away.
+    if array.size and array.dtype.kind not in "iuf":
+        raise RecognizeError(
+            "INVALID_ARGUMENT",
+            f"input {short(name)} data must be numbers, not {'booleans' if array.dtype.kind == 'b' else 'strings'}"
+            if array.dtype.kind in "bUS" else f"input {short(name)} data must be a (nested) list of numbers")
+    flat = array.astype(np.float64, copy=False).reshape(-1)
     if flat.size != count:
         raise RecognizeError(
             "INVALID_ARGUMENT",
-            f"input {brief(name)} has {flat.size} values; shape {list(dims)} needs {count}")
+            f"input {short(name)} has {flat.size} values; shape {list(dims)} needs {count}")
     if datatype == "UINT8" and flat.size and (
             flat.min() < 0 or flat.max() > 255 or not np.array_equal(flat, np.round(flat))):
-        raise RecognizeError("INVALID_ARGUMENT", f"input {brief(name)} is UINT8: values must be integers 0..255")
+        raise RecognizeError("INVALID_ARGUMENT", f"input {short(name)} is UINT8: values must be integers 0..255")
     return _finish(name, datatype, flat.astype(dtype), dims)
 
 
@@ -179,7 +194,7 @@ def select_outputs(requested: Sequence[str], model: LoadedModel) -> list[str]:
     unknown = [name for name in requested if name not in known]
     if unknown:
         raise RecognizeError(
-            "INVALID_ARGUMENT", f"unknown output {brief(unknown[0])}; the outputs are {', '.join(known)}")
+            "INVALID_ARGUMENT", f"unknown output {short(unknown[0])}; the outputs are {', '.join(known)}")
     return list(requested)
 
 

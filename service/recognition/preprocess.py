@@ -8,18 +8,25 @@ happens last, in the batcher, with the normalization of the model that runs the 
 
 from __future__ import annotations
 
-import functools
-import io
-import re
-import warnings
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
+from service.recognition.decode import (
+    ImageError,
+    ImageTooLarge,
+    Opened,
+    Payload,
+    RawImage,
+    load,
+    open_payload,
+)
 from service.recognition.ink import inked
 from service.recognition.model_metadata import Normalization
+
+__all__ = ["ImageError", "ImageTooLarge", "Payload", "RawImage", "mnist_recipe", "normalize", "open_batch",
+           "pixel_batch", "to_pixel_batch", "to_pixels"]
 
 # The MNIST recipe: the digit is scaled to fit a FIT x FIT box inside the SIDE x SIDE image.
 FIT = 20
@@ -28,35 +35,6 @@ INK_THRESHOLD = 0.2  # of the brightest ink pixel: what counts as ink when cropp
 # PNGs: one set of array operations per request instead of ~20 per image); bigger ones one by one.
 BATCH_RECIPE_PIXELS = 64 * 64
 
-DTYPES: dict[str, np.dtype] = {"uint8": np.dtype(np.uint8), "float32": np.dtype("<f4")}
-
-
-class ImageError(ValueError):
-    """An image cannot be used; the message says why. Maps to INVALID_ARGUMENT."""
-
-    code = "INVALID_ARGUMENT"
-    index: int | None = None  # which image of a request, set by `to_pixel_batch`
-
-
-class ImageTooLarge(ImageError):
-    """An image exceeds a size limit. Maps to RESOURCE_EXHAUSTED."""
-
-    code = "RESOURCE_EXHAUSTED"
-
-
-@dataclass(frozen=True)
-class RawImage:
-    """Uncompressed grayscale pixels, row-major: uint8 0..255 or float32 0..1."""
-
-    width: int
-    height: int
-    dtype: str
-    data: bytes
-
-
-Payload = bytes | RawImage  # bytes: an encoded image file
-
-
 def to_pixels(payload: Payload, side: int = 28, max_pixels: int = 25_000_000,
               ink_polarity: str = "light_on_dark") -> np.ndarray:
     """One payload -> a [side, side] MNIST-convention array (uint8 0..255 or float32 0..1).
@@ -64,150 +42,111 @@ def to_pixels(payload: Payload, side: int = 28, max_pixels: int = 25_000_000,
     Raw pixels of exactly side x side are taken as they are (only normalized later); everything else
     goes through `mnist_recipe`. Raises ImageError / ImageTooLarge naming the problem.
     """
-    array, ready = _source(payload, side, max_pixels)
-    fitted = array if ready else mnist_recipe(array, side)
-    return fitted if ink_polarity == "light_on_dark" else _invert(fitted)
+    return pixel_batch([open_payload(payload, max_pixels)], side, ink_polarity)[0]
 
 
-def _source(payload: Payload, side: int, max_pixels: int) -> tuple[np.ndarray, bool]:
-    """(array, ready): raw side x side pixels are ready as sent; anything else comes back as 8-bit
-    grayscale that still needs `mnist_recipe`."""
-    if isinstance(payload, RawImage):
-        pixels = raw_pixels(payload, max_pixels)
-        if pixels.shape == (side, side):
-            return pixels, True
-        return (pixels if pixels.dtype == np.uint8 else np.rint(pixels * 255).astype(np.uint8)), False
-    return decode(payload, max_pixels), False
+# The request's work may be stopped between images: a callable that raises when its caller is gone.
+Stop = Callable[[], None]
 
 
 def to_pixel_batch(payloads: Sequence[Payload], side: int = 28, max_pixels: int = 25_000_000,
-                   ink_polarity: str = "light_on_dark") -> np.ndarray:
+                   ink_polarity: str = "light_on_dark", max_request_pixels: int = 0,
+                   stop: Stop | None = None) -> np.ndarray:
     """A request's payloads -> [n, side, side], exactly ``np.stack([to_pixels(p) for p in payloads])``
-    (uint8; float32 0..1 as soon as one raw float32 image is among them), only faster.
+    (uint8; float32 0..1 as soon as one raw float32 image is among them), only faster, and in memory
+    bounded by one decoded image: `open_batch` then `pixel_batch`.
 
     The hot path of every request, so no per-image Python beyond what cannot be batched: side x side
-    uint8 raw images become one array with one copy, and small decoded images of one size go through
-    `mnist_recipe_batch` together. Raises ImageError / ImageTooLarge for the first bad image in request
-    order, with its `index` set.
+    uint8 raw images become one array with one copy. Raises ImageError / ImageTooLarge for the first
+    bad image in request order, with its `index` set.
     """
-    plain = ink_polarity == "light_on_dark"
+    ready = raw_batch(payloads, side, max_pixels, ink_polarity)
+    if ready is not None:
+        return ready
+    return pixel_batch(open_batch(payloads, max_pixels, max_request_pixels), side, ink_polarity, stop)
+
+
+def raw_batch(payloads: Sequence[Payload], side: int, max_pixels: int, ink_polarity: str) -> np.ndarray | None:
+    """The fast path: when every payload is raw side x side uint8 (MNIST-style digits, as load tests and
+    batch jobs send them), the request's pixels as one array made with one copy; else None."""
     size = side * side
     if size <= max_pixels and all(type(p) is RawImage and p.width == side and p.height == side
                                   and p.dtype == "uint8" and len(p.data) == size for p in payloads):
         batch = np.frombuffer(b"".join([p.data for p in payloads]), dtype=np.uint8)  # type: ignore[union-attr]
         batch = batch.reshape(len(payloads), side, side)
-        return batch if plain else 255 - batch
-    pixels: list[np.ndarray] = [np.empty(0)] * len(payloads)
-    by_shape: dict[tuple[int, ...], list[tuple[int, np.ndarray]]] = {}
-    for index, payload in enumerate(payloads):
+        return batch if ink_polarity == "light_on_dark" else 255 - batch
+    return None
+
+
+def open_batch(payloads: Sequence[Payload], max_pixels: int, max_request_pixels: int = 0) -> list[Opened]:
+    """Every payload's header checked, nothing decoded: the request is refused here, before any work,
+    when an image is bad or over `max_pixels`, or when all of them together declare more than
+    `max_request_pixels` (0: no request budget)."""
+    opened: list[Opened] = []
+    total = 0
+    try:
+        for index, payload in enumerate(payloads):
+            try:
+                item = open_payload(payload, max_pixels)
+            except ImageError as exc:
+                exc.index = index
+                raise
+            opened.append(item)
+            total += item.declared
+            if max_request_pixels and total > max_request_pixels:
+                error = ImageTooLarge(
+                    f"the request's images declare {total} pixels up to this one, past the limit of "
+                    f"{max_request_pixels} decoded pixels per request (--max-request-pixels); send fewer or "
+                    "smaller images per request")
+                error.index = index
+                raise error
+    except ImageError:
+        for item in opened:
+            if item.image is not None:
+                item.image.close()
+        raise
+    return opened
+
+
+def pixel_batch(opened: list[Opened], side: int = 28, ink_polarity: str = "light_on_dark",
+                stop: Stop | None = None) -> np.ndarray:
+    """Opened payloads -> [n, side, side]. Each image is decoded, fitted and dropped before the next
+    (small images of one size wait for each other to go through `mnist_recipe_batch` together);
+    `stop()` runs before each decode so that a cancelled call stops within one image."""
+    plain = ink_polarity == "light_on_dark"
+    pixels: list[np.ndarray] = [np.empty(0)] * len(opened)
+    small: dict[tuple[int, int], list[tuple[int, np.ndarray]]] = {}
+    for index, item in enumerate(opened):
+        if stop is not None:
+            stop()
         try:
-            array, ready = _source(payload, side, max_pixels)
+            array = load(item)
         except ImageError as exc:
             exc.index = index
+            for rest in opened[index + 1:]:
+                if rest.image is not None:
+                    rest.image.close()
             raise
-        if ready:
-            pixels[index] = array if plain else _invert(array)
+        if array.shape == (side, side) and item.pixels is not None:
+            pixels[index] = array if plain else _invert(array)  # raw MNIST-style: ready as sent
+            continue
+        if array.dtype != np.uint8:
+            array = np.rint(array * 255).astype(np.uint8)
+        if array.size <= BATCH_RECIPE_PIXELS:
+            small.setdefault(array.shape, []).append((index, array))
         else:
-            by_shape.setdefault(array.shape, []).append((index, array))
-    for shape, items in by_shape.items():
-        if len(items) > 1 and shape[0] * shape[1] <= BATCH_RECIPE_PIXELS:
-            fitted = list(mnist_recipe_batch(np.stack([gray for _, gray in items]), side))
+            fitted = mnist_recipe(array, side)  # the decoded image is dropped here
+            pixels[index] = fitted if plain else _invert(fitted)
+    for items in small.values():
+        if len(items) > 1:
+            fits = list(mnist_recipe_batch(np.stack([gray for _, gray in items]), side))
         else:
-            fitted = [mnist_recipe(gray, side) for _, gray in items]
-        for (index, _), image in zip(items, fitted, strict=True):
+            fits = [mnist_recipe(items[0][1], side)]
+        for (index, _), image in zip(items, fits, strict=True):
             pixels[index] = image if plain else _invert(image)
     if len({p.dtype for p in pixels}) > 1:  # mixed uint8 and float32 raw pixels: one scale for all
         pixels = [p.astype(np.float32) / 255.0 if p.dtype == np.uint8 else p for p in pixels]
     return np.stack(pixels)
-
-
-def raw_pixels(raw: RawImage, max_pixels: int) -> np.ndarray:
-    """A zero-copy [height, width] view on `raw.data`, after checking sizes and values."""
-    dtype = DTYPES.get(raw.dtype)
-    if dtype is None:
-        raise ImageError(f"raw pixels dtype must be uint8 or float32, got {raw.dtype!r}")
-    if raw.width <= 0 or raw.height <= 0:
-        raise ImageError(f"raw pixels need width and height >= 1, got {raw.width}x{raw.height}")
-    if raw.width * raw.height > max_pixels:
-        raise ImageTooLarge(
-            f"raw image of {raw.width}x{raw.height} = {raw.width * raw.height} pixels exceeds the limit "
-            f"of {max_pixels} pixels"
-        )
-    expected = raw.width * raw.height * dtype.itemsize
-    if len(raw.data) != expected:
-        raise ImageError(
-            f"raw pixels data is {len(raw.data)} bytes, but {raw.width}x{raw.height} {raw.dtype} needs {expected}"
-        )
-    pixels = np.frombuffer(raw.data, dtype=dtype).reshape(raw.height, raw.width)
-    if dtype != np.uint8:
-        if not np.isfinite(pixels).all():
-            raise ImageError("raw float32 pixels contain NaN or infinity")
-        if pixels.min() < 0.0 or pixels.max() > 1.0:
-            raise ImageError(
-                f"raw float32 pixels must lie in [0, 1] (pixel/255), found {pixels.min():g}..{pixels.max():g}"
-            )
-    return pixels
-
-
-def decode(data: bytes, max_pixels: int) -> np.ndarray:
-    """Decode an image file to 8-bit grayscale, transparent areas composited on white."""
-    if not data:
-        raise ImageError("encoded image is empty (0 bytes)")
-    try:
-        with warnings.catch_warnings():
-            # Pillow warns (and past 2x its own limit, raises) about huge images; we check ourselves.
-            # Its other warnings (corrupt EXIF, odd TIFF tags) are about the client's file: unstructured
-            # stderr lines, one per distinct message, that any client could produce at will.
-            warnings.simplefilter("ignore")
-            image = Image.open(io.BytesIO(data), formats=decodable_formats())
-            width, height = image.size
-            if width * height > max_pixels:
-                raise ImageTooLarge(
-                    f"{image.format} image of {width}x{height} = {width * height} pixels exceeds the limit of "
-                    f"{max_pixels} pixels (decompression-bomb guard)"
-                )
-            if width <= 0 or height <= 0:
-                raise ImageError(f"{image.format} image has no pixels ({width}x{height})")
-            image.load()
-            return _grayscale(image)
-    except ImageError:
-        raise
-    except UnidentifiedImageError as exc:
-        raise ImageError(f"cannot decode image ({len(data)} bytes): not a format Pillow recognises") from exc
-    except Image.DecompressionBombError as exc:
-        raise ImageTooLarge(f"image exceeds the decompression-bomb limit: {exc}") from exc
-    except MemoryError as exc:
-        raise ImageTooLarge(f"image ({len(data)} bytes) needs more memory to decode than is available") from exc
-    except Exception as exc:
-        # Pillow's format plugins fail on malformed files with whatever their parsing hits (OSError,
-        # ValueError, struct.error, NotImplementedError from DDS, KeyError, ...): every one of them
-        # means the bytes are not a usable image, never that the server is broken.
-        raise ImageError(f"cannot decode image ({len(data)} bytes): {_reason(exc)}") from exc
-
-
-# Formats whose decoder hands the bytes to another program: Pillow's EPS plugin runs Ghostscript
-# (where installed) on the PostScript it is given. Never on a client's upload.
-EXCLUDED_FORMATS = frozenset({"EPS"})
-
-
-@functools.cache
-def decodable_formats() -> tuple[str, ...]:
-    """Every format Pillow can open, less EXCLUDED_FORMATS."""
-    Image.init()
-    return tuple(f for f in Image.OPEN if f not in EXCLUDED_FORMATS)
-
-
-def _grayscale(image: Image.Image) -> np.ndarray:
-    """A loaded image as 8-bit grayscale, transparent areas composited on white."""
-    if image.mode in ("L", "1") and "transparency" not in image.info:
-        # An 8-bit grayscale file (the common case) is used as decoded: convert() would copy it.
-        return np.asarray(image if image.mode == "L" else image.convert("L"))
-    if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
-        return _wide_to_uint8(np.asarray(image, dtype=np.float64))
-    # Anything with (or possibly with) alpha: composite on white, as a page or canvas would show it.
-    rgba = image.convert("RGBA")
-    white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-    return np.asarray(Image.alpha_composite(white, rgba).convert("L"))
 
 
 def mnist_recipe(gray: np.ndarray, side: int = 28) -> np.ndarray:
@@ -324,27 +263,3 @@ def normalize(pixels: np.ndarray, norm: Normalization, out: np.ndarray | None = 
 
 def _invert(pixels: np.ndarray) -> np.ndarray:
     return (255 - pixels) if pixels.dtype == np.uint8 else (1.0 - pixels).astype(np.float32)
-
-
-def _wide_to_uint8(values: np.ndarray) -> np.ndarray:
-    if not np.isfinite(values).all():  # a float TIFF can hold anything; NaN would become arbitrary ink
-        raise ImageError("floating-point image contains NaN or infinity")
-    low, high = float(values.min()), float(values.max())
-    if high <= low:
-        return np.zeros(values.shape, dtype=np.uint8)
-    return ((values - low) * (255.0 / (high - low))).astype(np.uint8)
-
-
-def _reason(exc: BaseException) -> str:
-    """Why a decoder failed, without the file's own bytes: some messages quote them ("Token too long in
-    file header: b'...'", "could not convert string to float: '...'"), and this text reaches the
-    request log, which never holds image content."""
-    lines = str(exc).strip().splitlines()
-    reason = lines[0] if lines else type(exc).__name__
-    if reason[:2] in ("b'", 'b"'):  # a message built as bytes: its repr
-        reason = reason[2:-1]
-    reason = _QUOTED.sub("'…'", reason.split(": ", 1)[0])
-    return reason[:200] or type(exc).__name__
-
-
-_QUOTED = re.compile(r"b?'[^']*'?|b?\"[^\"]*\"?")

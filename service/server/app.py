@@ -78,8 +78,10 @@ class DigitsServer:
         self.recognizer = Recognizer(model, cfg, self.metrics)
         self.recognizer.start()
         server = grpc.aio.server(options=self._grpc_options())
-        digits_grpc.add_to_server(digits_grpc.DigitRecognizerServicer(self.recognizer, self.metrics), server)
-        v2_grpc.add_to_server(v2_grpc.InferenceServicer(self.recognizer, self.metrics, lambda: self.ready), server)
+        digits_grpc.add_to_server(digits_grpc.DigitRecognizerServicer(self.recognizer, self.metrics), server,
+                                  self.metrics)
+        v2_grpc.add_to_server(v2_grpc.InferenceServicer(self.recognizer, self.metrics, lambda: self.ready), server,
+                              self.metrics)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
             [*self._service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,

@@ -45,6 +45,8 @@ class ServerConfig:
     max_images_per_request: int = _setting(256, "most images in one request (INVALID_ARGUMENT beyond)")
     max_message_bytes: int = _setting(16 * 1024 * 1024, "largest gRPC message accepted (RESOURCE_EXHAUSTED beyond)")
     max_image_pixels: int = _setting(25_000_000, "largest decoded image in pixels (decompression-bomb guard)")
+    max_request_pixels: int = _setting(100_000_000, "most decoded pixels all of a request's images may declare "
+                                                    "together (RESOURCE_EXHAUSTED beyond, before any decoding)")
     max_concurrent_streams: int = _setting(256, "most concurrent HTTP/2 streams (in-flight RPCs) per connection")
     grace_period_s: float = _setting(10.0, "on SIGTERM/SIGINT: how long in-flight requests may take to finish")
     reject_not_a_digit_below: float | None = _setting(

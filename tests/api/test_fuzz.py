@@ -24,6 +24,7 @@ from hypothesis.extra.numpy import arrays
 from service.client import to_image
 from service.gen.digits.v1 import digits_pb2, digits_pb2_grpc
 from service.recognition import preprocess
+from service.recognition.decode import open_payload
 from service.recognition.preprocess import ImageError, RawImage, to_pixels
 from tests.fuzz.seeds import seed_images
 from tests.harness import ServerThread, fixture_digits
@@ -375,7 +376,9 @@ PAYLOAD = st.one_of(
 @fuzz_settings(400)
 @given(st.lists(PAYLOAD, min_size=1, max_size=6), st.sampled_from(["light_on_dark", "dark_on_light"]))
 def test_batched_preprocessing_equals_image_by_image(payloads: list[bytes | RawImage], polarity: str) -> None:
-    """The request path's batched preprocessing gives exactly what one-by-one would, errors included."""
+    """The request path's batched preprocessing gives exactly what one-by-one would, errors included.
+    Headers are checked for every image before any is decoded, so a bad header anywhere is reported
+    before a file that opens but fails to decode."""
     singles: list[np.ndarray] = []
     first_error: int | None = None
     for index, payload in enumerate(payloads):
@@ -384,10 +387,17 @@ def test_batched_preprocessing_equals_image_by_image(payloads: list[bytes | RawI
         except ImageError:
             first_error = index
             break
+    bad_header = None
+    for index, payload in enumerate(payloads):
+        try:
+            open_payload(payload, MAX_PIXELS)
+        except ImageError:
+            bad_header = index
+            break
     try:
         batch = preprocess.to_pixel_batch(payloads, max_pixels=MAX_PIXELS, ink_polarity=polarity)
     except ImageError as exc:
-        assert exc.index == first_error
+        assert exc.index == (bad_header if bad_header is not None else first_error)
         return
     assert first_error is None
     expected = np.stack(singles)

@@ -162,7 +162,10 @@ BINARY_HEADER = (b'{"inputs": [{"name": "image", "datatype": "FP32", "shape": [1
     (b'{"inputs": [{"name": "image", "datatype": "UINT8", "shape": [1, 1, 28, 28], "data": [1, 2]}]}', {},
      "has 2 values; shape [1, 1, 28, 28] needs 784"),
     (b'{"inputs": [{"name": "image", "datatype": "UINT8", "shape": [1, 1, 28, 28], "data": [["a"]]}]}', {},
+     "data must be numbers, not strings"),
+    (b'{"inputs": [{"name": "image", "datatype": "UINT8", "shape": [1, 1, 28, 28], "data": [[1], 2]}]}', {},
      "must be a (nested) list of numbers"),
+
     (b'{"inputs": [{"name": "image", "datatype": "UINT8", "shape": [1, 1, 28, 28], '
      b'"data": ' + json.dumps([999] * 784).encode() + b"}]}", {}, "values must be integers 0..255"),
     (b'{"inputs": [{"name": "image", "shape": [1, 1, 28, 28], "data": []}]}', {}, "needs 'datatype'"),

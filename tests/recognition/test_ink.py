@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from service.recognition.decode import decode
 from service.recognition.ink import MIN_CONTRAST, has_ink, inked
-from service.recognition.preprocess import decode, mnist_recipe, to_pixel_batch
+from service.recognition.preprocess import mnist_recipe, to_pixel_batch
 from tests.harness import fixture_digits, render
 
 

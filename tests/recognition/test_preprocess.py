@@ -8,16 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from service.recognition.decode import ImageError, ImageTooLarge, RawImage, decode
 from service.recognition.model_metadata import Normalization
-from service.recognition.preprocess import (
-    ImageError,
-    ImageTooLarge,
-    RawImage,
-    decode,
-    mnist_recipe,
-    normalize,
-    to_pixels,
-)
+from service.recognition.preprocess import mnist_recipe, normalize, to_pixels
 from tests.harness import fixture_digits, render
 
 DIGITS, _ = fixture_digits()
@@ -83,7 +76,7 @@ def test_normalize_uses_the_metadata() -> None:
 
 
 def test_decode_errors_are_clear() -> None:
-    with pytest.raises(ImageError, match="not a format Pillow recognises"):
+    with pytest.raises(ImageError, match="not an image in one of the accepted formats"):
         decode(b"hello", 1000)
     buf = io.BytesIO()
     Image.new("L", (100, 100)).save(buf, format="PNG")

@@ -96,7 +96,8 @@ def json_run() -> Iterator[tuple[list[str], dict[str, int]]]:
                       digits_pb2.StreamRequest(id="b", image=to_image(DIGITS[2]))]
             replies = list(digits_pb2_grpc.DigitRecognizerStub(channel).RecognizeStream(iter(stream), timeout=30))
             assert len(replies) == 3
-        sent = {"requests": 3 + 4 + 3, "ok": 3 + 2, "images": 6 + 1 + 2 + 0 + 9 + 3, "inferred": 6 + 2}
+        # Images are counted once a request's size is accepted: the 9-image call over the limit of 8 is not.
+        sent = {"requests": 3 + 4 + 3, "ok": 3 + 2, "images": 6 + 1 + 2 + 0 + 3, "inferred": 6 + 2}
 
         def summarised() -> int:
             return sum(r["requests"] for r in server.records() if r["message"] == "summary")
@@ -137,7 +138,7 @@ def test_one_line_per_failed_request_with_status_and_reason(json_run) -> None:
         ("RecognizeStream", "INVALID_ARGUMENT")]
     reasons = [r["reason"] for r in failed]
     assert f"image 0: cannot decode image ({len(GARBAGE)} bytes)" in reasons[0]
-    assert reasons[1].startswith("image 1: cannot decode image")
+    assert reasons[1].startswith("image 1: cannot decode PNG image")
     assert "no images" in reasons[2] and "limit is 8" in reasons[3] and "cannot decode" in reasons[4]
     assert all(r["level"] == "warning" and r["peer"] for r in failed)
 
