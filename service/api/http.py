@@ -25,7 +25,7 @@ from typing import Any
 
 from aiohttp import BodyPartReader, web
 
-from service.api import v2_tensors
+from service.api import listener, v2_tensors
 from service.api.tracking import RequestTracker
 from service.api.v2_grpc import SERVER_NAME, server_version
 from service.recognition.recognizer import Recognition, RecognizeError, Recognizer
@@ -70,13 +70,19 @@ class HttpApi:
     """The aiohttp application and its lifecycle; `ready` reports the server's state."""
 
     def __init__(self, recognizer: Recognizer, metrics: Metrics, ready: Callable[[], bool], *,
-                 max_message_bytes: int, reuse_port: bool = False) -> None:
+                 max_message_bytes: int, reuse_port: bool = False, max_connections: int = 256,
+                 idle_timeout_s: float = 10.0, body_timeout_s: float = 30.0) -> None:
         self._recognizer = recognizer
         self._metrics = metrics
         self._ready = ready
         self._max_bytes = max_message_bytes
         self._reuse_port = reuse_port
+        self._max_connections = max_connections
+        self._idle_timeout = idle_timeout_s
+        self._body_timeout = body_timeout_s
         self._runner: web.AppRunner | None = None
+        self._server: asyncio.Server | None = None
+        self._draining = False
         self._inflight = 0
         self._idle = asyncio.Event()
         self._idle.set()
@@ -99,25 +105,28 @@ class HttpApi:
 
     async def start(self, host: str, port: int) -> int:
         """Listen on host:port; returns the bound port. Raises OSError when it cannot bind."""
-        # stop() waits out the grace period itself; shutdown_timeout only bounds what is left after it.
-        runner = web.AppRunner(self.application(), access_log=None, handle_signals=False, shutdown_timeout=1.0)
+        runner = listener.runner(self.application(), self._idle_timeout)
         await runner.setup()
-        # Like the gRPC port: shared by --workers N processes (SO_REUSEPORT), else a port in use is an error.
-        site = web.TCPSite(runner, host, port, reuse_port=self._reuse_port)
         try:
-            await site.start()
+            # Like the gRPC port: shared by --workers N processes (SO_REUSEPORT), else a port in use is
+            # an error.
+            self._server = await listener.listen(runner, host, port, max_connections=self._max_connections,
+                                                 reuse_port=self._reuse_port)
         except OSError:
             await runner.cleanup()
             raise
         self._runner = runner
-        return int(runner.addresses[0][1])
+        return listener.bound_port(self._server)
 
     async def stop(self, grace: float) -> None:
-        """Stop listening, give requests in flight `grace` seconds, then close every connection."""
+        """Stop listening and refuse new inference calls (503), give requests in flight `grace` seconds,
+        then close every connection."""
         if self._runner is None:
             return
-        for site in list(self._runner.sites):
-            await site.stop()
+        self._draining = True
+        if self._server is not None:
+            self._server.close()
+            self._server = None
         try:
             await asyncio.wait_for(self._idle.wait(), timeout=grace)
         except TimeoutError:
@@ -134,6 +143,9 @@ class HttpApi:
             if length is not None and length > self._max_bytes:
                 # Refused from the header alone: nothing of the body is read.
                 return error_response(_too_large(length, self._max_bytes))
+            if self._draining and request.method == "POST":
+                # A connection kept alive from before SIGTERM: its new calls are refused like new gRPC calls.
+                return error_response(HttpError(503, "UNAVAILABLE", "server is shutting down; retry elsewhere"))
             encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
             if request.method == "POST" and encoding not in ("", "identity"):
                 # A compressed body's size says nothing of what it inflates to (2 MB of gzip can be
@@ -267,7 +279,7 @@ class HttpApi:
             return await self._multipart_image(request)
         if not (kind.startswith("image/") or kind == "application/octet-stream"):
             raise HttpError(415, "INVALID_ARGUMENT",
-                            f"Content-Type {kind!r} is not an image: send the image file as the body with its "
+                            f"Content-Type {short(kind)} is not an image: send the image file as the body with its "
                             "type (image/png, image/jpeg, ...) or as multipart/form-data field 'image'")
         body = await self._read(request)
         if not body:
@@ -279,6 +291,13 @@ class HttpApi:
         --max-message-bytes, at most MAX_PARTS of them, none nested: a multipart body costs no more than
         a raw one of the same size."""
         budget = [self._max_bytes]
+        try:
+            async with asyncio.timeout(self._body_timeout):
+                return await self._multipart_parts(request, budget)
+        except TimeoutError:
+            raise self._slow_body() from None
+
+    async def _multipart_parts(self, request: web.Request, budget: list[int]) -> bytes:
         image: bytes | None = None
         try:
             reader = await request.multipart()
@@ -317,9 +336,16 @@ class HttpApi:
 
     async def _read(self, request: web.Request) -> bytes:
         try:
-            return await request.read()
+            async with asyncio.timeout(self._body_timeout):
+                return await request.read()
         except web.HTTPRequestEntityTooLarge as exc:
             raise _too_large(request.content_length, self._max_bytes) from exc
+        except TimeoutError:
+            raise self._slow_body() from None
+
+    def _slow_body(self) -> HttpError:
+        return HttpError(408, "DEADLINE_EXCEEDED",
+                         f"the request body did not arrive within {self._body_timeout:g} s (--http-body-timeout-s)")
 
 
 def _too_large(length: int | None, limit: int) -> HttpError:

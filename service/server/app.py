@@ -19,15 +19,16 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from prometheus_client import start_http_server
 
 from service.api import digits_grpc, v2_grpc
 from service.api import http as http_api
+from service.api.metrics_http import MetricsEndpoint
 from service.gen.digits.v1 import digits_pb2
 from service.recognition.model import ModelLoadError, load_model
 from service.recognition.model_metadata import Rejection
 from service.recognition.recognizer import Recognizer
 from service.server.config import ServerConfig
+from service.server.looplag import LoopLagMonitor
 from service.server.summary import SummaryLogger
 from service.server.watcher import ModelFileWatcher
 from service.telemetry.logs import fields
@@ -52,7 +53,8 @@ class DigitsServer:
         self._available = available_providers
         self._grpc: grpc.aio.Server | None = None
         self._health = health.aio.HealthServicer()
-        self._metrics_http: Any = None
+        self._metrics_http: MetricsEndpoint | None = None
+        self._lag = LoopLagMonitor(self.metrics)
         self.recognizer: Recognizer | None = None
         self._summary: SummaryLogger | None = None
         self._watcher: ModelFileWatcher | None = None
@@ -98,23 +100,27 @@ class DigitsServer:
         await server.start()
         self._grpc = server
         if cfg.metrics_port:
+            self._metrics_http = MetricsEndpoint(self.metrics.registry, cfg.max_http_connections,
+                                                 cfg.http_idle_timeout_s)
             try:
-                self._metrics_http, _ = start_http_server(cfg.metrics_port, addr=cfg.host,
-                                                          registry=self.metrics.registry)
+                self.metrics_port = await self._metrics_http.start(cfg.host, cfg.metrics_port)
             except OSError as exc:
+                self._metrics_http = None
                 await self.stop(grace=0)
                 raise StartupError(f"cannot serve metrics on {cfg.host}:{cfg.metrics_port}: {exc}") from exc
-            self.metrics_port = self._metrics_http.server_port
         if cfg.http_port:
             self._http = http_api.HttpApi(self.recognizer, self.metrics, lambda: self.ready,
                                           max_message_bytes=cfg.max_message_bytes,
-                                          reuse_port=cfg.workers > 1)
+                                          reuse_port=cfg.workers > 1, max_connections=cfg.max_http_connections,
+                                          idle_timeout_s=cfg.http_idle_timeout_s,
+                                          body_timeout_s=cfg.http_body_timeout_s)
             try:
                 self.http_port = await self._http.start(cfg.host, cfg.http_port)
             except OSError as exc:
                 self._http = None
                 await self.stop(grace=0)
                 raise StartupError(f"cannot serve HTTP on {cfg.host}:{cfg.http_port}: {exc}") from exc
+        self._lag.start()
         for name in ("", *self._service_names):
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self._ready = True
@@ -187,9 +193,9 @@ class DigitsServer:
         if self._summary is not None:  # after the drain, so the drained requests are in it
             await self._summary.stop()
             self._summary = None
+        await self._lag.stop()
         if self._metrics_http is not None:
-            self._metrics_http.shutdown()
-            self._metrics_http.server_close()
+            await self._metrics_http.stop()
             self._metrics_http = None
         log.info("stopped", extra=fields(drain_seconds=round(time.monotonic() - started, 3)))
 

@@ -48,6 +48,13 @@ class ServerConfig:
     max_request_pixels: int = _setting(100_000_000, "most decoded pixels all of a request's images may declare "
                                                     "together (RESOURCE_EXHAUSTED beyond, before any decoding)")
     max_concurrent_streams: int = _setting(256, "most concurrent HTTP/2 streams (in-flight RPCs) per connection")
+    max_http_connections: int = _setting(256, "most open connections on the HTTP port, and on the metrics port; "
+                                              "one more is answered 503 and closed")
+    http_idle_timeout_s: float = _setting(10.0, "HTTP and metrics ports: close a connection that has not sent a "
+                                                "complete request head this long after opening or after its "
+                                                "last answer (slow headers, idle keep-alive)")
+    http_body_timeout_s: float = _setting(30.0, "HTTP port: a request body that has not arrived this long after "
+                                                "its head gets 408")
     grace_period_s: float = _setting(10.0, "on SIGTERM/SIGINT: how long in-flight requests may take to finish")
     reject_not_a_digit_below: float | None = _setting(
         None, "override the model's not_a_digit threshold: predictions whose not_a_digit score (named in the "
@@ -80,6 +87,12 @@ class ServerConfig:
             problems.append("max-images-per-request must be >= 1")
         if self.threads < 0:
             problems.append("threads must be >= 0")
+        if self.max_http_connections < 1:
+            problems.append("max-http-connections must be >= 1")
+        if not (self.http_idle_timeout_s > 0 and self.http_body_timeout_s > 0):
+            problems.append("http-idle-timeout-s and http-body-timeout-s must be > 0")
+        if self.max_request_pixels < 0:
+            problems.append("max-request-pixels must be >= 0 (0: no request budget)")
         if self.workers < 1:
             problems.append("workers must be >= 1")
         if not self.watch_interval_s > 0:

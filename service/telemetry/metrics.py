@@ -31,6 +31,8 @@ LATENCY_BUCKETS = (
     0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 )
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+# The event loop's lag: a healthy loop is late by well under a millisecond; 50 ms is a visible stall.
+LAG_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 DIGITS = tuple(str(d) for d in range(10))
 # Series that exist from the first scrape, so that rate() sees their first increment and the
 # "no successful requests" alert has an OK series to look at before any traffic arrives.
@@ -84,6 +86,10 @@ class Metrics:
             "digits_rejected_predictions",
             "Predictions not accepted, by reason: no_ink, not_a_digit, uncertain (a drift signal).",
             ["reason"], registry=r)
+        self.loop_lag_seconds = Histogram(
+            "digits_event_loop_lag_seconds",
+            "How much later than asked the event loop woke a 10 ms ticker: what every call on it waited.",
+            buckets=LAG_BUCKETS, registry=r)
         self.model_info = Gauge(
             "digits_model_info", "The model being served (value 1), with its identity as labels.",
             ["name", "version", "sha256", "provider"], registry=r)
