@@ -11,13 +11,14 @@ CONSTRAINTS := -c constraints.txt
 SERVE_ARGS ?= --http-port 8000
 PYTEST_ARGS ?=
 
-.PHONY: help serve test lint typecheck unit train evaluate proto bench fuzz audit constraints clean browser-deps prometheus-deps deploy-check
+.PHONY: help serve test lint typecheck unit train evaluate proto bench fuzz soak audit constraints clean browser-deps prometheus-deps deploy-check
 
 help:
 	@echo "make serve    install the server into $(VENV) and serve models/lenet5.onnx (SERVE_ARGS=...)"
 	@echo "make test     install everything into $(VENV); run ruff, mypy and pytest"
 	@echo "make lint     ruff + mypy + pip-audit (skipped with a note when offline)"
 	@echo "make fuzz     bounded libFuzzer run on the image decoder (FUZZ_RUNS, FUZZ_SECONDS)"
+	@echo "make soak     a hostile mix against a real server for SOAK_SECONDS (60): peak RSS, loop lag, log growth"
 	@echo "make constraints  regenerate constraints.txt from .venv"
 	@echo "make train    retrain the shipped model on ../shared/data/mnist-sample"
 	@echo "make proto    regenerate service/gen from proto/"
@@ -76,6 +77,11 @@ fuzz: $(VENV)/.dev-installed
 	  echo "fuzz: libFuzzer exit status $$status (full log: runs/fuzz/last.log)"; exit $$status; \
 	else echo "fuzz: atheris could not be installed (no wheel for this platform and no clang to build it);" \
 	  "running the hypothesis fuzz tests instead"; $(BIN)/pytest -q tests/api/test_fuzz.py; fi
+
+# A hostile mix for SOAK_SECONDS against a real server (tests/soak.py): peak RSS, loop lag, log growth.
+SOAK_SECONDS ?= 60
+soak: $(VENV)/.dev-installed
+	$(BIN)/python tests/soak.py --seconds $(SOAK_SECONDS)
 
 # tests/api/test_browser.py drives Debian's chromium through chromium-driver: install them where we can
 # (root and apt-get), never failing where we cannot; the browser test then skips and says why.

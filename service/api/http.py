@@ -51,6 +51,8 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 INLINE_JSON_BYTES = 256 * 1024
 # Parts a multipart upload may have: the image, and a few form fields a browser may add.
 MAX_PARTS = 16
+# Keys a JSON request body may have (see _json_object).
+MAX_JSON_KEYS = 4096
 
 
 class HttpError(RecognizeError):
@@ -225,7 +227,8 @@ class HttpApi:
         # Parsing a big JSON document (millions of keys or values) takes long enough to stall every
         # other request on the event loop: big ones go to a thread.
         big = len(header) > INLINE_JSON_BYTES
-        doc = await asyncio.to_thread(_json_object, header) if big else _json_object(header)
+        max_values = self._recognizer.config.max_images_per_request * model.metadata.height * model.metadata.width
+        doc = await asyncio.to_thread(_json_object, header, max_values) if big else _json_object(header, max_values)
         inputs = doc.get("inputs")
         if not isinstance(inputs, list) or not all(isinstance(i, dict) for i in inputs):
             raise RecognizeError("INVALID_ARGUMENT", "'inputs' must be a list of tensor objects")
@@ -379,7 +382,17 @@ def _split_binary(body: bytes, header_length: str | None) -> tuple[bytes, bytes]
     return body[:length], body[length:]
 
 
-def _json_object(text: bytes) -> dict[str, Any]:
+def _json_object(text: bytes, max_values: int) -> dict[str, Any]:
+    # json.loads holds the GIL while it runs, on a thread or not, so a document with millions of keys
+    # or values would stall the event loop for a second: count them first (colons and commas; those
+    # inside strings only make the counts safer). A v2 request has a handful of keys, and at most
+    # --max-images-per-request images' worth of values.
+    if text.count(b":") > MAX_JSON_KEYS:
+        raise RecognizeError("INVALID_ARGUMENT", f"request body has more than {MAX_JSON_KEYS} JSON keys; a v2 "
+                                                 "inference request needs a few (send tensor values in 'data')")
+    if text.count(b",") > max_values + MAX_JSON_KEYS:
+        raise RecognizeError("INVALID_ARGUMENT", f"request body has more than {max_values} values: more than "
+                                                 "--max-images-per-request images' worth")
     try:
         doc = json.loads(text)
     except (ValueError, UnicodeDecodeError) as exc:

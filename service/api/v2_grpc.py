@@ -22,6 +22,7 @@ from service.api.tracking import RequestTracker, abort, deadline_of
 from service.gen.inference import grpc_predict_v2_pb2 as pb
 from service.gen.inference import grpc_predict_v2_pb2_grpc as pb_grpc
 from service.recognition.recognizer import RecognizeError, Recognizer
+from service.telemetry.logs import short
 from service.telemetry.metrics import Metrics
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
@@ -91,7 +92,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         v2_tensors.check_model(model, request.model_name, request.model_version)
         v2_tensors.check_input_names([tensor.name for tensor in request.inputs], model.metadata)
         raw = len(request.raw_input_contents) > 0
-        if not raw and v2_tensors.typed_values(request.inputs[0].contents) > v2_tensors.INLINE_VALUES:
+        if not raw and len(request.inputs) > 0 and \
+                v2_tensors.typed_values(request.inputs[0].contents) > v2_tensors.INLINE_VALUES:
             # Turning millions of protobuf floats into an array takes a while: not on the event loop.
             tensor = await asyncio.to_thread(_input, request, model.metadata, raw)
         else:
@@ -132,7 +134,7 @@ def _input(request: pb.ModelInferRequest, meta: Any, raw: bool) -> v2_tensors.In
         if tensor.HasField("contents"):
             raise RecognizeError(
                 "INVALID_ARGUMENT",
-                f"input {tensor.name!r} has both contents and raw_input_contents; use one of them")
+                f"input {short(tensor.name)} has both contents and raw_input_contents; use one of them")
         return v2_tensors.from_raw(tensor.name, tensor.datatype, tensor.shape, request.raw_input_contents[0],
                                    meta)
     field = CONTENTS_FIELDS.get(tensor.datatype)
@@ -142,9 +144,10 @@ def _input(request: pb.ModelInferRequest, meta: Any, raw: bool) -> v2_tensors.In
         if present:
             raise RecognizeError(
                 "INVALID_ARGUMENT",
-                f"input {tensor.name!r} is {tensor.datatype}: its values go in contents.{field}, "
+                f"input {short(tensor.name)} is {short(tensor.datatype)}: its values go in contents.{field}, "
                 f"not {', '.join(present)}")
-    return v2_tensors.from_values(tensor.name, tensor.datatype, tensor.shape, values, meta)
+    return v2_tensors.from_values(tensor.name, tensor.datatype, tensor.shape, values, meta,
+                                  flat_count=v2_tensors.typed_values(tensor.contents))
 
 
 def _tensor_metadata(spec: v2_tensors.TensorSpec) -> pb.ModelMetadataResponse.TensorMetadata:

@@ -152,11 +152,18 @@ def from_raw(name: str, datatype: str, shape: Sequence[Any], data: bytes,
 
 
 def from_values(name: str, datatype: str, shape: Sequence[Any], values: Any,
-                meta: ModelMetadata) -> InputTensor:
-    """An input given as values (gRPC typed contents, REST JSON `data`: flat or nested lists)."""
+                meta: ModelMetadata, flat_count: int | None = None) -> InputTensor:
+    """An input given as values (gRPC typed contents, REST JSON `data`: flat or nested lists).
+
+    `flat_count`, when the caller knows it (a protobuf repeated field's length), is checked against
+    the shape before any value is converted: converting holds the GIL, so millions of values sent for
+    a shape that needs 784 are refused at once instead of stalling the event loop first."""
     dtype = _dtype(name, datatype)
     dims = parse_shape(name, shape, meta)
     count = math.prod(dims)  # Python ints: a hostile shape cannot overflow
+    if flat_count is not None and flat_count != count:
+        raise RecognizeError(
+            "INVALID_ARGUMENT", f"input {short(name)} has {flat_count} values; shape {list(dims)} needs {count}")
     try:
         array = np.asarray(values)
     except (ValueError, TypeError, RecursionError) as exc:

@@ -34,16 +34,19 @@ def inked(ink: np.ndarray) -> np.ndarray:
         return np.zeros(0, dtype=bool)
     if ink.dtype.kind == "f":
         # pixel/255; anything outside 0..1 (an already-normalized tensor's extremes) is paper or full ink.
-        ink, scale = np.clip(ink, 0.0, 1.0), 255.0
+        ink = np.clip(ink, 0.0, 1.0)
+        peak = ink.reshape(n, -1).max(axis=1).astype(np.float64)
+        result = peak * 255 >= MIN_CONTRAST
+        half = (peak / 2).astype(ink.dtype)
     else:
-        scale = 1.0
-    peak = ink.reshape(n, -1).max(axis=1).astype(np.float64) * scale
-    result = peak >= MIN_CONTRAST
+        peak = ink.reshape(n, -1).max(axis=1).astype(np.int64)
+        result = peak >= MIN_CONTRAST
+        half = ((peak + 1) // 2).astype(ink.dtype)  # integer compare: no float copy of a big image
     if not result.any():
         return result
     candidates = np.flatnonzero(result)
     # The strokes' cores: at least half as dark as the image's strongest ink.
-    strong = ink[candidates] * scale >= (peak[candidates] / 2)[:, None, None]
+    strong = ink[candidates] >= half[candidates][:, None, None]
     labels, count = ndimage.label(strong, structure=_STACK_STRUCTURE)
     if count == 0:
         result[:] = False

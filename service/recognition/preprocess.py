@@ -8,6 +8,7 @@ happens last, in the batcher, with the normalization of the model that runs the 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -34,6 +35,8 @@ INK_THRESHOLD = 0.2  # of the brightest ink pixel: what counts as ink when cropp
 # Same-size decoded images up to this many pixels each go through the recipe as one array (MNIST-sized
 # PNGs: one set of array operations per request instead of ~20 per image); bigger ones one by one.
 BATCH_RECIPE_PIXELS = 64 * 64
+# Bigger images are shrunk to about this many pixels before the recipe (see `shrink`).
+MAX_WORKING_PIXELS = 2048 * 2048
 
 def to_pixels(payload: Payload, side: int = 28, max_pixels: int = 25_000_000,
               ink_polarity: str = "light_on_dark") -> np.ndarray:
@@ -64,6 +67,16 @@ def to_pixel_batch(payloads: Sequence[Payload], side: int = 28, max_pixels: int 
     if ready is not None:
         return ready
     return pixel_batch(open_batch(payloads, max_pixels, max_request_pixels), side, ink_polarity, stop)
+
+
+def shrink(gray: np.ndarray, max_pixels: int) -> np.ndarray:
+    """A grayscale image of more than `max_pixels` reduced by the smallest whole factor that fits, each
+    output pixel the mean of a block (what the recipe's own BOX downscaling would do on the way to 20x20
+    anyway). The recipe's working copies then stay a few MB however big the image was sent."""
+    if gray.size <= max_pixels:
+        return gray
+    factor = math.ceil(math.sqrt(gray.size / max_pixels))
+    return np.asarray(Image.fromarray(gray).reduce(factor))
 
 
 def raw_batch(payloads: Sequence[Payload], side: int, max_pixels: int, ink_polarity: str) -> np.ndarray | None:
@@ -132,6 +145,7 @@ def pixel_batch(opened: list[Opened], side: int = 28, ink_polarity: str = "light
             continue
         if array.dtype != np.uint8:
             array = np.rint(array * 255).astype(np.uint8)
+        array = shrink(array, MAX_WORKING_PIXELS)
         if array.size <= BATCH_RECIPE_PIXELS:
             small.setdefault(array.shape, []).append((index, array))
         else:
