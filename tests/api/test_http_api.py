@@ -165,7 +165,13 @@ BINARY_HEADER = (b'{"inputs": [{"name": "image", "datatype": "FP32", "shape": [1
      "data must be numbers, not strings"),
     (b'{"inputs": [{"name": "image", "datatype": "UINT8", "shape": [1, 1, 28, 28], "data": [[1], 2]}]}', {},
      "must be a (nested) list of numbers"),
-
+    (b'{"inputs": [{"name": "image", "datatype": "UINT8", "shape": [1, 1, 28, 28], '
+     b'"data": ' + json.dumps([True] * 784).encode() + b"}]}", {}, "data must be numbers, not booleans"),
+    (b'{"inputs": [{"name": "image", "datatype": "UINT8", "shape": [-1, 1, 28, 28], "data": [1]}]}', {},
+     "has batch dimension -1: a request says how many images it sends"),
+    (b'{"inputs": [{"name": "image", "datatype": "UINT8", "shape": [1, 1, 28, 28], '
+     b'"data": ' + json.dumps([0] * 784).encode() + b'}], "outputs": [{"name": "probabilities", '
+     b'"parameters": {"binary_data": "no"}}]}', {}, "parameter 'binary_data' must be true or false, got 'no'"),
     (b'{"inputs": [{"name": "image", "datatype": "UINT8", "shape": [1, 1, 28, 28], '
      b'"data": ' + json.dumps([999] * 784).encode() + b"}]}", {}, "values must be integers 0..255"),
     (b'{"inputs": [{"name": "image", "shape": [1, 1, 28, 28], "data": []}]}', {}, "needs 'datatype'"),
