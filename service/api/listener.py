@@ -7,7 +7,8 @@ aiohttp alone accepts any number of connections and, by default, lets one sit fo
   its previous answer) is closed: aiohttp's keep-alive timer, which also runs from the moment a
   connection opens, is that timeout (slowloris on the headers, and idle keep-alive connections);
 - a request body that does not arrive within `body_timeout_s` is the handlers' business
-  (`HttpApi` reads bodies under that timeout).
+  (`HttpApi` reads bodies under that timeout);
+- a client that hangs up cancels its request's handler, and with it the request's work.
 
 Only aiohttp's public runner API is used: the runner's `server` is the protocol factory that its own
 TCPSite would hand to `loop.create_server`.
@@ -36,8 +37,10 @@ class _Busy(asyncio.Protocol):
 def runner(app: web.Application, idle_timeout_s: float) -> web.AppRunner:
     """An AppRunner whose connections time out as described above (no access log, no signal handling:
     the server wires those itself)."""
+    # handler_cancellation: a client that hangs up cancels its handler, so its work stops (decoding
+    # between images, its batch rows dropped) as it does for a cancelled gRPC call.
     return web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0,
-                         keepalive_timeout=idle_timeout_s, auto_decompress=False)
+                         keepalive_timeout=idle_timeout_s, auto_decompress=False, handler_cancellation=True)
 
 
 async def listen(app_runner: web.AppRunner, host: str, port: int, *, max_connections: int,
