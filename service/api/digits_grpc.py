@@ -71,7 +71,7 @@ class DigitRecognizerServicer(digits_pb2_grpc.DigitRecognizerServicer):
             try:
                 # Counted once the request's size is known to be acceptable: a refused request of
                 # millions of empty images must not add millions to the counter.
-                self._recognizer.check_count(len(request.images))
+                self._recognizer.admit(len(request.images))
                 self._metrics.images.labels(rpc="Recognize").inc(len(request.images))
                 payloads = [to_payload(image, i) for i, image in enumerate(request.images)]
                 recognition = await self._recognizer.recognize(payloads, deadline)

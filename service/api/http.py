@@ -26,7 +26,7 @@ from typing import Any
 from aiohttp import BodyPartReader, web
 
 from service.api import listener, v2_tensors
-from service.api.tracking import RequestTracker
+from service.api.tracking import RequestTracker, clip
 from service.api.v2_grpc import SERVER_NAME, server_version
 from service.recognition.recognizer import Recognition, RecognizeError, Recognizer
 from service.telemetry.logs import short
@@ -65,7 +65,13 @@ class HttpError(RecognizeError):
 
 def error_response(exc: RecognizeError) -> web.Response:
     status = exc.status if isinstance(exc, HttpError) else HTTP_STATUS.get(exc.code, 500)
-    return web.json_response({"error": exc.message, "code": exc.code}, status=status)
+    headers = {}
+    if exc.code == "RESOURCE_EXHAUSTED" and not isinstance(exc, HttpError):
+        # A full queue (429, retry shortly) is not an image that is too large (413, never retry as is).
+        status = 429 if exc.retry else 413
+        if exc.retry:
+            headers["Retry-After"] = "1"
+    return web.json_response({"error": clip(exc.message), "code": exc.code}, status=status, headers=headers)
 
 
 class HttpApi:
@@ -241,7 +247,7 @@ class HttpApi:
         names = v2_tensors.select_outputs([str(o.get("name")) for o in outputs], model)
         binary_default = _flag(_parameters(doc), "binary_data_output", False)
         binary_out = {str(o.get("name")): _flag(_parameters(o), "binary_data", binary_default) for o in outputs}
-        self._recognizer.check_count(tensor.count)
+        self._recognizer.admit(tensor.count)
         self._metrics.images.labels(rpc=INFER_ROUTE).inc(tensor.count)
         recognition = await v2_tensors.recognize(self._recognizer, tensor, None)
         reply: dict[str, Any] = {"model_name": recognition.model.name,

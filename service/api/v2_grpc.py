@@ -99,7 +99,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         else:
             tensor = _input(request, model.metadata, raw)
         names = v2_tensors.select_outputs([out.name for out in request.outputs], model)
-        self._recognizer.check_count(tensor.count)
+        self._recognizer.admit(tensor.count)
         self._metrics.images.labels(rpc="ModelInfer").inc(tensor.count)
         recognition = await v2_tensors.recognize(self._recognizer, tensor, deadline)
         reply = pb.ModelInferResponse(model_name=recognition.model.name,

@@ -95,10 +95,13 @@ class RecognizerSettings(Protocol):
 class RecognizeError(Exception):
     """A request cannot be answered. `code` is the gRPC status name the adapters map it to."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: str, message: str, retry: bool = False) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        # True when the same request may well succeed later (a full queue), false when it never will
+        # (an image over the pixel limit): HTTP tells them apart as 429 and 413.
+        self.retry = retry
 
 
 @dataclass(frozen=True)
@@ -151,6 +154,7 @@ class Recognizer:
         self._config = config
         self._metrics = metrics
         self._reload_lock = asyncio.Lock()
+        self._draining = False
         self._decoder = ThreadPoolExecutor(max_workers=DECODE_THREADS, thread_name_prefix="decode")
         self._batcher = DynamicBatcher(lambda: self._model, config.max_batch_size, config.max_batch_delay_s,
                                        config.max_queue, metrics)
@@ -184,8 +188,15 @@ class Recognizer:
         await self._batcher.close()
         self._decoder.shutdown(wait=False, cancel_futures=True)
 
-    def check_count(self, count: int) -> None:
-        """Reject an empty request or one with too many images (INVALID_ARGUMENT)."""
+    def drain(self) -> None:
+        """Refuse new requests (UNAVAILABLE) from now on; those already admitted run to the end."""
+        self._draining = True
+
+    def admit(self, count: int) -> None:
+        """Admit a request of `count` images, or refuse it: UNAVAILABLE while draining, INVALID_ARGUMENT
+        when empty or over --max-images-per-request. Every entry point calls it first."""
+        if self._draining:
+            raise RecognizeError("UNAVAILABLE", "server is shutting down; retry elsewhere")
         if count == 0:
             raise RecognizeError("INVALID_ARGUMENT", "request has no images; send 1 or more")
         limit = self._config.max_images_per_request
@@ -199,7 +210,7 @@ class Recognizer:
 
         Raises RecognizeError naming the first bad image by its index.
         """
-        self.check_count(len(payloads))
+        self.admit(len(payloads))
         meta = self._model.metadata
         try:
             return to_pixel_batch(payloads, side=meta.width, max_pixels=self._config.max_image_pixels,
@@ -218,7 +229,7 @@ class Recognizer:
     async def _decode(self, payloads: Sequence[Payload], deadline: float | None) -> np.ndarray:
         """Decode on the loop when the images declare few pixels, else on a decode thread that stops
         between images once the caller is gone or its deadline has passed."""
-        self.check_count(len(payloads))
+        self.admit(len(payloads))
         meta = self._model.metadata
         ready = raw_batch(payloads, meta.width, self._config.max_image_pixels, meta.ink_polarity)
         if ready is not None:
@@ -255,12 +266,12 @@ class Recognizer:
 
     async def recognize_pixels(self, pixels: np.ndarray, deadline: float | None = None) -> Recognition:
         """Recognize [n, H, W] MNIST-convention pixels (uint8 0..255 or float32 0..1) as given."""
-        self.check_count(int(pixels.shape[0]))
+        self.admit(int(pixels.shape[0]))
         return await self._submit(pixels, inked(pixels), normalized=False, deadline=deadline)
 
     async def infer_normalized(self, tensor: np.ndarray, deadline: float | None = None) -> Recognition:
         """Run an already-normalized [n, 1, H, W] float32 tensor (the model's own input space)."""
-        self.check_count(int(tensor.shape[0]))
+        self.admit(int(tensor.shape[0]))
         if not np.isfinite(tensor).all():
             raise RecognizeError("INVALID_ARGUMENT", "input tensor contains NaN or infinity")
         norm = self._model.metadata.normalization
@@ -294,7 +305,7 @@ class Recognizer:
         try:
             result: BatchResult = await self._batcher.submit(pixels, normalized=normalized, deadline=deadline)
         except QueueFullError as exc:
-            raise RecognizeError("RESOURCE_EXHAUSTED", str(exc)) from exc
+            raise RecognizeError("RESOURCE_EXHAUSTED", str(exc), retry=True) from exc
         except DeadlineExpiredError as exc:
             raise RecognizeError("DEADLINE_EXCEEDED", str(exc)) from exc
         except BatcherClosedError as exc:

@@ -185,6 +185,10 @@ class DigitsServer:
             await self._watcher.stop()
             self._watcher = None
         await self._health.enter_graceful_shutdown()
+        if self.recognizer is not None:
+            # From here every new call is refused (UNAVAILABLE, HTTP 503), also one that reaches a handler
+            # in the moment before the gRPC server itself stops taking calls.
+            self.recognizer.drain()
         # gRPC and HTTP drain side by side, both before the batcher closes.
         await asyncio.gather(*[s.stop(grace) for s in (self._grpc, self._http) if s is not None])
         self._http = None
