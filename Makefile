@@ -11,7 +11,7 @@ CONSTRAINTS := -c constraints.txt
 SERVE_ARGS ?= --http-port 8000
 PYTEST_ARGS ?=
 
-.PHONY: help serve test lint typecheck unit train evaluate proto bench fuzz soak audit constraints clean browser-deps prometheus-deps deploy-check
+.PHONY: help serve test lint typecheck unit train evaluate proto bench fuzz soak audit constraints clean system-deps deploy-check
 
 help:
 	@echo "make serve    install the server into $(VENV) and serve models/lenet5.onnx (SERVE_ARGS=...)"
@@ -83,32 +83,27 @@ SOAK_SECONDS ?= 60
 soak: $(VENV)/.dev-installed
 	$(BIN)/python tests/soak.py --seconds $(SOAK_SECONDS)
 
-# tests/api/test_browser.py drives Debian's chromium through chromium-driver: install them where we can
-# (root and apt-get), never failing where we cannot; the browser test then skips and says why.
-BROWSER_PACKAGES := chromium chromium-driver
-APT_INSTALL := DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $(BROWSER_PACKAGES)
-browser-deps:
-	@if command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; then :; \
+# Tools the tests use that come from Debian: chromium + chromium-driver (tests/api/test_browser.py),
+# prometheus with promtool (tests/deploy/test_prometheus_grafana.py), Fashion-MNIST (the IDX reader at
+# full scale, and rejection measured on clothing). `make test` installs them where we are root with
+# apt-get; elsewhere the tests that need them skip and say why, and under CI=true any skip fails the run
+# (tests/conftest.py). (On a host running systemd, the prometheus package also starts a service on :9090.)
+APT_GET := DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends
+# $(1): a command or path that shows the packages are there; $(2): the packages.
+define apt_need
+	@if command -v $(1) >/dev/null 2>&1 || [ -e "$(1)" ]; then :; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-	  echo "installing $(BROWSER_PACKAGES) for the browser test"; \
-	  $(APT_INSTALL) >/dev/null 2>&1 || { apt-get update -q >/dev/null 2>&1 && $(APT_INSTALL) >/dev/null 2>&1; } || \
-	  echo "could not install $(BROWSER_PACKAGES); the browser test will skip"; \
-	else echo "chromium is not installed and apt-get needs root here; the browser test will skip"; fi
+	  echo "installing $(2) for the tests"; \
+	  $(APT_GET) $(2) >/dev/null 2>&1 || { apt-get update -q >/dev/null 2>&1 && $(APT_GET) $(2) >/dev/null 2>&1; } || \
+	  echo "could not install $(2); the tests that need it will skip"; \
+	else echo "$(2): not installed, and apt-get needs root here; the tests that need it will skip"; fi
+endef
+system-deps:
+	$(call apt_need,chromedriver,chromium chromium-driver)
+	$(call apt_need,promtool,prometheus)
+	$(call apt_need,/usr/share/datasets/fashion-mnist,dataset-fashion-mnist)
 
-# promtool (and prometheus) validate deploy/prometheus and run the dashboard queries in
-# tests/deploy/test_prometheus_grafana.py; Debian's `prometheus` package has both. Same rules as above:
-# installed where we are root with apt-get, never failing; without them those checks skip. (On a host
-# running systemd the package also enables a prometheus service on :9090; containers have none.)
-PROMETHEUS_INSTALL := DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus
-prometheus-deps:
-	@if command -v promtool >/dev/null 2>&1 && command -v prometheus >/dev/null 2>&1; then :; \
-	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-	  echo "installing prometheus (promtool) for the deploy/prometheus checks"; \
-	  $(PROMETHEUS_INSTALL) >/dev/null 2>&1 || { apt-get update -q >/dev/null 2>&1 && $(PROMETHEUS_INSTALL) >/dev/null 2>&1; } || \
-	  echo "could not install prometheus; promtool checks will skip (structural checks still run)"; \
-	else echo "promtool is not installed and apt-get needs root here; promtool checks will skip"; fi
-
-unit: $(VENV)/.dev-installed browser-deps prometheus-deps
+unit: $(VENV)/.dev-installed system-deps
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 test: lint unit

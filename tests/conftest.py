@@ -1,7 +1,9 @@
-"""Shared pytest fixtures."""
+"""Shared pytest fixtures, and the rule that nothing skips silently in CI."""
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -9,6 +11,32 @@ import pytest
 
 from tests.harness import FIXTURE_DIR as MNIST_SMALL
 from tests.harness import SHIPPED_MODEL
+
+# CI runs `make test`, which installs every tool the tests use (chromium, promtool and prometheus,
+# Fashion-MNIST, atheris, grpcurl, podman): there, a skip means a promise went untested, so it fails.
+IN_CI = os.environ.get("CI", "").lower() == "true"
+
+
+def _fail_skip(report: Any, what: str) -> None:
+    reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+    report.outcome = "failed"
+    report.longrepr = f"{what} skipped under CI=true, where nothing may skip: {reason}"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    outcome = yield
+    report = outcome.get_result()  # type: ignore[attr-defined]
+    if IN_CI and report.skipped and not hasattr(report, "wasxfail"):
+        _fail_skip(report, item.nodeid)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector: pytest.Collector) -> Iterator[None]:
+    outcome = yield
+    report = outcome.get_result()  # type: ignore[attr-defined]
+    if IN_CI and report.skipped:
+        _fail_skip(report, collector.nodeid)
 
 # --- training fixtures ---
 

@@ -112,7 +112,7 @@ def test_a_small_file_that_decodes_huge_is_refused_before_decoding(limited) -> N
 def test_huge_normalized_values_fail_only_their_own_request() -> None:
     """Finite but absurd values overflow inside the model: that request gets INVALID_ARGUMENT instead
     of NaN probabilities, and a request batched with it is answered normally."""
-    pb = pytest.importorskip("service.gen.inference.grpc_predict_v2_pb2")
+    from service.gen.inference import grpc_predict_v2_pb2 as pb
     from service.gen.inference import grpc_predict_v2_pb2_grpc as pb_grpc
 
     # A batch runs when two images are queued; the long delay only makes sure they wait for each other.

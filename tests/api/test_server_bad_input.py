@@ -98,7 +98,12 @@ def test_bad_request_gets_clear_status_and_server_keeps_serving(stub, images, co
 
 
 def test_failures_are_counted_by_status(server, stub) -> None:
-    with pytest.raises(grpc.RpcError):
-        stub.Recognize(digits_pb2.RecognizeRequest(images=[]), timeout=10)
-    counter = server.server.metrics.requests.labels(rpc="Recognize", code="INVALID_ARGUMENT")
-    assert counter._value.get() >= 1
+    registry = server.server.metrics.registry
+    labels = {"rpc": "Recognize", "code": "INVALID_ARGUMENT"}
+    before = registry.get_sample_value("digits_requests_total", labels) or 0.0
+    ok_before = registry.get_sample_value("digits_requests_total", {"rpc": "Recognize", "code": "OK"}) or 0.0
+    for _ in range(3):
+        with pytest.raises(grpc.RpcError):
+            stub.Recognize(digits_pb2.RecognizeRequest(images=[]), timeout=10)
+    assert registry.get_sample_value("digits_requests_total", labels) == before + 3
+    assert registry.get_sample_value("digits_requests_total", {"rpc": "Recognize", "code": "OK"}) == ok_before

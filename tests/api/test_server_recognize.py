@@ -106,10 +106,28 @@ def test_concurrent_callers_each_get_their_own_results_in_order(server, digits) 
         results = list(pool.map(call, jobs))
     for indices, got in results:
         np.testing.assert_allclose(got, expected[indices], atol=1e-5)
-    batches = server.server.metrics.batch_size
-    # Coalescing really happened: fewer session.run calls than requests.
-    count = next(s.value for m in batches.collect() for s in m.samples if s.name == "digits_batch_size_count")
-    assert count < len(jobs) + 5
+
+
+def test_requests_arriving_together_share_batches(digits) -> None:
+    """120 requests of 1..8 images sent at once coalesce into a few full batches (a 200 ms batch delay
+    lets them gather however loaded the machine is), and each caller still gets exactly its rows."""
+    images, _ = digits
+    expected = reference_probabilities(images)
+    rng = np.random.default_rng(2)
+    jobs = [rng.choice(len(images), size=int(rng.integers(1, 9)), replace=False) for _ in range(120)]
+    with ServerThread(max_batch_delay_ms=200, max_batch_size=64) as server, \
+            grpc.insecure_channel(server.target) as channel:
+        stub = digits_pb2_grpc.DigitRecognizerStub(channel)
+        futures = [stub.Recognize.future(digits_pb2.RecognizeRequest(images=[to_image(images[i]) for i in job]),
+                                         timeout=60) for job in jobs]
+        for job, future in zip(jobs, futures, strict=True):
+            got = np.array([list(p.probabilities) for p in future.result().predictions], dtype=np.float32)
+            np.testing.assert_allclose(got, expected[job], atol=1e-5)
+        registry = server.server.metrics.registry
+        batches = registry.get_sample_value("digits_batch_size_count")
+        inferred = registry.get_sample_value("digits_batch_size_sum")
+    assert inferred == sum(len(job) for job in jobs)
+    assert batches <= len(jobs) / 4, f"{batches:.0f} batches for {len(jobs)} requests sent together"
 
 
 def test_stream_answers_every_image_by_id(stub, digits) -> None:

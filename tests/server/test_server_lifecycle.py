@@ -11,6 +11,7 @@ from pathlib import Path
 
 import grpc
 import onnx
+import onnxruntime as ort
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -27,7 +28,7 @@ from service.recognition.model import (
 )
 from tests.harness import SHIPPED_MODEL, ServerThread, fixture_digits, free_port, wait_serving, wait_until
 
-DIGIT = fixture_digits()[0][0]
+DIGIT, LABEL = fixture_digits()[0][0], int(fixture_digits()[1][0])
 
 
 def test_provider_choice() -> None:
@@ -148,11 +149,14 @@ def test_sigterm_exits_zero_after_serving(tmp_path: Path) -> None:
     try:
         wait_serving(f"127.0.0.1:{port}")
         with DigitsClient(f"127.0.0.1:{port}", timeout=5) as client:
-            assert client.recognize([DIGIT]).predictions[0].digit in range(10)
+            assert client.recognize([DIGIT]).predictions[0].digit == LABEL
         proc.send_signal(signal.SIGTERM)
         _, stderr = proc.communicate(timeout=30)
     finally:
         proc.kill()
     assert proc.returncode == 0
     assert '"message": "serving"' in stderr and '"message": "stopped"' in stderr
-    assert '"providers": ["CPUExecutionProvider"]' in stderr or "CUDAExecutionProvider" in stderr
+    # --device auto: CUDA first exactly when this onnxruntime offers it.
+    expected = '["CUDAExecutionProvider", "CPUExecutionProvider"]' if "CUDAExecutionProvider" in \
+        ort.get_available_providers() else '["CPUExecutionProvider"]'
+    assert f'"providers": {expected}' in stderr
