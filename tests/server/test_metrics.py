@@ -193,18 +193,20 @@ def assert_histogram_consistent(metrics: Scrape, name: str) -> None:
 
 
 def test_full_queue_expired_deadline_and_cancellation_are_counted() -> None:
-    """A tiny queue and a long batch delay hold requests in the queue: one expires there, one is
-    cancelled by its caller, one fills the queue and the next is refused at once."""
+    """A small queue and a batch delay longer than the test hold requests in the queue: one expires
+    there, one is cancelled by its caller, one waits, a 2-image request no longer fits and is refused at
+    once, and a last one fills the batch, which then runs. Every step waits for what it needs to see,
+    and no batch can run before the last one arrives."""
     digit = to_image(fixture_digits()[0][0])
     request = digits_pb2.RecognizeRequest(images=[digit])
-    with ServerThread(metrics_port=free_port(), max_queue=3, max_batch_delay_ms=2000) as server, \
-            grpc.insecure_channel(server.target) as channel:
+    with ServerThread(metrics_port=free_port(), max_queue=4, max_batch_size=4, max_batch_delay_ms=600_000) \
+            as server, grpc.insecure_channel(server.target) as channel:
         stub = digits_pb2_grpc.DigitRecognizerStub(channel)
         recognizer = server.server.recognizer
         assert recognizer is not None
         port = server.server.metrics_port
 
-        expiring = stub.Recognize.future(request, timeout=0.8)
+        expiring = stub.Recognize.future(request, timeout=2.0)
         wait_until(lambda: recognizer.queued_images == 1, what="first request queued")
         with pytest.raises(grpc.RpcError) as caught:
             expiring.result()
@@ -217,25 +219,25 @@ def test_full_queue_expired_deadline_and_cancellation_are_counted() -> None:
                    what="the server to see the cancellation")
 
         waiting = stub.Recognize.future(request, timeout=30)
-        wait_until(lambda: recognizer.queued_images == 3, what="queue full")
+        wait_until(lambda: recognizer.queued_images == 3, what="third request queued")
         with pytest.raises(grpc.RpcError) as caught:
-            stub.Recognize(request, timeout=30)
+            stub.Recognize(digits_pb2.RecognizeRequest(images=[digit, digit]), timeout=30)
         assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "--max-queue" in caught.value.details()
-        assert len(waiting.result().predictions) == 1  # runs when the oldest request's delay is up
+        last = stub.Recognize(request, timeout=30)  # the 4th queued image: a full batch runs at once
+        assert len(last.predictions) == 1 and len(waiting.result().predictions) == 1
         metrics = scrape(port)
 
     assert metrics.by("digits_requests_total", "code") == {
-        "OK": 1, "DEADLINE_EXCEEDED": 1, "CANCELLED": 1, "RESOURCE_EXHAUSTED": 1}
+        "OK": 2, "DEADLINE_EXCEEDED": 1, "CANCELLED": 1, "RESOURCE_EXHAUSTED": 1}
     assert metrics.by("digits_rejected_requests_total", "reason") == {"deadline": 1, "cancelled": 1, "queue_full": 1}
-    assert metrics.value("digits_images_received_total", rpc="Recognize") == 4
-    assert metrics.value("digits_request_duration_seconds_count", rpc="Recognize") == 4
-    assert metrics.value("digits_preprocess_duration_seconds_count") == 4  # all four were decoded
-    # Only the request that waited its turn reached inference; the others were dropped or refused.
-    assert metrics.value("digits_queue_wait_seconds_count") == 1
-    assert metrics.value("digits_queue_wait_seconds_sum") > 0.1  # it waited for the long batch delay
+    assert metrics.value("digits_images_received_total", rpc="Recognize") == 6
+    assert metrics.value("digits_request_duration_seconds_count", rpc="Recognize") == 5
+    assert metrics.value("digits_preprocess_duration_seconds_count") == 5  # all five were decoded
+    # Only the two requests that waited their turn reached inference; the others were dropped or refused.
+    assert metrics.value("digits_queue_wait_seconds_count") == 2
     assert metrics.value("digits_inference_duration_seconds_count") == 1
-    assert metrics.value("digits_batch_size_count") == metrics.value("digits_batch_size_sum") == 1
-    assert metrics.total("digits_predictions_total") == 1
+    assert metrics.value("digits_batch_size_count") == 1 and metrics.value("digits_batch_size_sum") == 2
+    assert metrics.total("digits_predictions_total") == 2
     assert metrics.value("digits_queue_depth") == metrics.value("digits_inflight_requests") == 0
-    assert metrics.value("digits_queue_capacity") == 3
+    assert metrics.value("digits_queue_capacity") == 4
