@@ -11,6 +11,7 @@ from collections.abc import Iterator
 
 import grpc
 
+from service.recognition.batcher import DEADLINE_SLACK_S
 from service.recognition.recognizer import RecognizeError
 from service.telemetry.logs import RateLimitedLog
 from service.telemetry.metrics import Metrics
@@ -43,11 +44,6 @@ def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
     return None if remaining is None else time.monotonic() + remaining
 
 
-# gRPC cancels a handler when its deadline passes; a cancellation this close to (or after) the
-# deadline we computed from time_remaining() is that expiry, not the client hanging up. The client's
-# clock starts first (it sent the timeout), so its own expiry can reach us as a cancellation a little
-# before ours: by the request's transit time, which on a loaded machine is tens of ms.
-DEADLINE_SLACK_S = 0.1
 
 
 class RequestTracker:

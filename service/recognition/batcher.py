@@ -33,6 +33,12 @@ log = logging.getLogger(__name__)
 # request each, the batcher stops waiting, until a request arrives while another is queued or running.
 SEQUENTIAL_AFTER = 8
 
+# A call cancelled this close to (or after) its deadline was cancelled by that deadline, not by its
+# caller hanging up: the client's clock starts first (it sent the timeout), so its own expiry reaches
+# the server as a cancellation a little before the server's, by the request's transit time (tens of ms
+# on a loaded machine).
+DEADLINE_SLACK_S = 0.1
+
 
 class QueueFullError(Exception):
     """The batch queue holds `max_queue` images already."""
@@ -179,6 +185,7 @@ class DynamicBatcher:
             expired = item.deadline is not None and now >= item.deadline
             if item.future.done():  # the caller went away; don't spend inference on it
                 # gRPC cancels a call whose deadline passed before we get here: that is a deadline too.
+                expired = item.deadline is not None and now >= item.deadline - DEADLINE_SLACK_S
                 self._metrics.rejected.labels(reason="deadline" if expired else "cancelled").inc()
                 continue
             if expired:
