@@ -220,6 +220,19 @@ def test_command_prints_json_for_an_image_folder_with_labels(tmp_path: Path) -> 
     assert "6 image files" in report["source"]
 
 
+def test_command_speaks_the_open_inference_protocol_and_checks_accuracy() -> None:
+    with ServerThread() as server:
+        done = _loadtest("--server", server.target, "--protocol", "v2", "--images", str(FIXTURE_DIR),
+                         "--requests", "40", "--batch", "4", "--concurrency", "2", "--warmup", "0", "--json")
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert (report["requests"], report["ok"], report["error_count"]) == (40, 40, 0)
+    assert report["checked"] == 160 and report["accuracy"] >= 0.95
+    counted = server.server.metrics.registry.get_sample_value(
+        "digits_requests_total", {"rpc": "ModelInfer", "code": "OK"})
+    assert counted == 40  # they really went through ModelInfer
+
+
 def test_command_is_bounded_in_time_and_reports_progress() -> None:
     with ServerThread() as server:
         started = time.perf_counter()

@@ -29,7 +29,7 @@ import onnxruntime as ort
 import pytest
 from onnx import helper, numpy_helper
 
-from service.client import to_image
+from service.client import DigitsClient, to_image
 from service.gen.digits.v1 import digits_pb2, digits_pb2_grpc
 from service.recognition.model import ModelLoadError
 from service.recognition.model_metadata import ModelMetadata
@@ -307,3 +307,35 @@ def test_a_bad_new_model_is_refused_and_the_old_one_keeps_serving(versions, tmp_
         assert running.server.metrics.model_reloads.labels(result="failed")._value.get() == 1
     lines = [r.getMessage() for r in caplog.records if "model reload refused" in r.getMessage()]
     assert len(lines) == 1 and f"still serving lenet5 {V1}" in lines[0] and message in lines[0]
+
+
+def test_watch_follows_a_kubernetes_configmap_swap(versions, tmp_path) -> None:
+    """A ConfigMap volume as the kubelet writes it: the model is `lenet5.onnx -> ..data/lenet5.onnx`,
+    `..data` a symlink to a timestamped directory; an update writes a new directory and renames a new
+    `..data` link over the old one (one atomic step), then deletes the old directory. A real `digits serve
+    --watch` must follow it to the new model and keep answering throughout."""
+    mount = tmp_path / "config"
+    first = mount / "..2026_12_01_10_00_00.000000001"
+    first.mkdir(parents=True)
+    shutil.copy(versions.v1, first / "lenet5.onnx")
+    (mount / "..data").symlink_to(first.name)
+    (mount / "lenet5.onnx").symlink_to("..data/lenet5.onnx")
+    port = free_port()
+    proc = _serve(mount / "lenet5.onnx", port, 0, "--watch", "--watch-interval-s", "0.1")
+    try:
+        wait_serving(f"127.0.0.1:{port}")
+        with DigitsClient(f"127.0.0.1:{port}", timeout=10) as client:
+            assert client.recognize([DIGITS[0]]).model_version == V1
+            second = mount / "..2026_12_01_10_05_00.000000002"
+            second.mkdir()
+            shutil.copy(versions.v2, second / "lenet5.onnx")
+            (mount / "..data_tmp").symlink_to(second.name)
+            os.replace(mount / "..data_tmp", mount / "..data")
+            shutil.rmtree(first)
+            wait_until(lambda: client.recognize([DIGITS[0]]).model_version == V2, timeout=30,
+                       what="--watch to follow the ConfigMap swap to v2")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == 0, stderr[-2000:]
+    assert "model reloaded" in stderr
