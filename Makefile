@@ -42,7 +42,7 @@ serve: $(VENV)/.serve-installed
 
 lint: $(VENV)/.dev-installed
 	$(BIN)/ruff check service training tests proto
-	$(BIN)/mypy service training
+	$(BIN)/mypy service training tests
 	@$(MAKE) --no-print-directory audit
 
 # pip-audit checks every pin in constraints.txt against PyPI's vulnerability data, which is online:

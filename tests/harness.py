@@ -22,6 +22,7 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 from service.perf.benchprocs import free_port as free_port  # re-exported: the tests take it from here
+from service.recognition.recognizer import Recognizer
 from service.server.app import DigitsServer
 from service.server.config import ServerConfig
 
@@ -84,6 +85,12 @@ class ServerThread:
     @property
     def target(self) -> str:
         return f"127.0.0.1:{self.server.port}"
+
+    @property
+    def recognizer(self) -> Recognizer:
+        """The running server's Recognizer (there is one once started)."""
+        assert self.server.recognizer is not None, "the server is not started"
+        return self.server.recognizer
 
     def call(self, coro: Coroutine[Any, Any, T], timeout: float = 60.0) -> T:
         """Run a coroutine on the server's loop and wait for its result."""

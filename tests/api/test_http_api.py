@@ -69,11 +69,11 @@ def scrape(server: ServerThread) -> dict[tuple[str, tuple[tuple[str, str], ...]]
 
 
 def normalized(server: ServerThread, images: np.ndarray) -> np.ndarray:
-    return normalize(images, server.server.recognizer.model.metadata.normalization)
+    return normalize(images, server.recognizer.model.metadata.normalization)
 
 
 def test_health_and_metadata_with_tritonclient(server, client, url) -> None:
-    version = server.server.recognizer.model.version
+    version = server.recognizer.model.version
     assert client.is_server_live() and client.is_server_ready()
     assert client.is_model_ready("lenet5") and client.is_model_ready("lenet5", version)
     assert client.get_server_metadata()["name"] == "digits"
@@ -187,7 +187,7 @@ def test_bad_infer_bodies_get_400_naming_the_problem(url, body: bytes, headers, 
 
 def test_recognize_raw_body_and_multipart(url, server, digits) -> None:
     images, labels = digits
-    version = server.server.recognizer.model.version
+    version = server.recognizer.model.version
     correct = 0
     for index, (image, label) in enumerate(zip(images[:10], labels[:10], strict=True)):
         png = render(image, 140, (200, 180), (30, 20), "PNG")

@@ -38,8 +38,9 @@ def stub(server: ServerThread) -> Iterator[digits_pb2_grpc.DigitRecognizerStub]:
 GOOD = to_image(fixture_digits()[0][0])
 
 
-def raw(width: int, height: int, dtype: int, data: bytes) -> digits_pb2.Image:
-    return digits_pb2.Image(raw=digits_pb2.RawPixels(width=width, height=height, dtype=dtype, data=data))
+def raw(width: int, height: int, dtype: digits_pb2.DType | int, data: bytes) -> digits_pb2.Image:
+    return digits_pb2.Image(raw=digits_pb2.RawPixels(width=width, height=height, dtype=dtype,  # type: ignore[arg-type]
+                                                     data=data))
 
 
 def png_header_claiming(width: int, height: int) -> bytes:

@@ -75,7 +75,7 @@ def test_rendered_client_images_are_recognised(stub, digits) -> None:
         offset = (int(rng.integers(0, canvas[0] - size + 1)), int(rng.integers(0, canvas[1] - size + 1)))
         fmt, rgba = formats[index % len(formats)]
         payloads.append(render(img, size, canvas, offset, fmt, rgba))
-    predicted = []
+    predicted: list[int] = []
     for start in range(0, len(payloads), 32):
         chunk = payloads[start:start + 32]
         reply = stub.Recognize(digits_pb2.RecognizeRequest(
@@ -124,7 +124,7 @@ def test_requests_arriving_together_share_batches(digits) -> None:
             got = np.array([list(p.probabilities) for p in future.result().predictions], dtype=np.float32)
             np.testing.assert_allclose(got, expected[job], atol=1e-5)
         registry = server.server.metrics.registry
-        batches = registry.get_sample_value("digits_batch_size_count")
+        batches = registry.get_sample_value("digits_batch_size_count") or 0.0
         inferred = registry.get_sample_value("digits_batch_size_sum")
     assert inferred == sum(len(job) for job in jobs)
     assert batches <= len(jobs) / 4, f"{batches:.0f} batches for {len(jobs)} requests sent together"

@@ -54,7 +54,7 @@ def recognized(server: ServerThread, digits) -> np.ndarray:
 
 def normalized(server: ServerThread, images: np.ndarray) -> np.ndarray:
     """[n,1,28,28] FP32 in the model's input space, normalized the way its metadata says."""
-    meta = server.server.recognizer.model.metadata
+    meta = server.recognizer.model.metadata
     return normalize(images, meta.normalization)
 
 
@@ -103,7 +103,7 @@ def test_proto_matches_tritonclient_stubs_field_for_field() -> None:
 
 
 def test_liveness_readiness_and_metadata(server: ServerThread, client) -> None:
-    model = server.server.recognizer.model
+    model = server.recognizer.model
     assert client.is_server_live()
     assert client.is_server_ready()
     assert client.is_model_ready("lenet5")
@@ -134,7 +134,7 @@ def test_raw_fp32_inference_agrees_with_recognize(server, client, digits, recogn
     np.testing.assert_allclose(softmax / softmax.sum(axis=1, keepdims=True), probabilities, atol=1e-5)
     response = result.get_response()
     assert response.id == "req-7" and response.model_name == "lenet5"
-    assert response.model_version == server.server.recognizer.model.version
+    assert response.model_version == server.recognizer.model.version
 
 
 def test_raw_uint8_pixels_are_normalized_by_the_server(client, digits, recognized) -> None:
@@ -209,7 +209,7 @@ def test_bad_requests_get_the_protocols_status_and_a_clear_message(server, clien
          "NOT_FOUND", "no version '999'"),
     ]
     for args, kwargs, status, message in cases:
-        error = _error(client, *args, **kwargs)
+        error = _error(client, *args, **kwargs)  # type: ignore[arg-type]
         assert error.status() == f"StatusCode.{status}", (message, error)
         assert message in error.message(), error.message()
     # A byte count that does not match the declared shape (a hand-built raw request).
