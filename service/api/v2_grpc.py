@@ -27,6 +27,9 @@ from service.telemetry.metrics import Metrics
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 SERVER_NAME = "digits"
+# Triton's protocol extensions this server supports (ServerMetadata lists them for clients to check).
+EXTENSIONS = ("model_configuration", "statistics", "binary_tensor_data")
+DATA_TYPES = {"FP32": pb.TYPE_FP32, "UINT8": pb.TYPE_UINT8, "BOOL": pb.TYPE_BOOL}
 # Typed contents: the InferTensorContents field that carries each supported datatype.
 CONTENTS_FIELDS = {"FP32": "fp32_contents", "UINT8": "uint_contents"}
 
@@ -62,7 +65,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ServerMetadata(self, request: pb.ServerMetadataRequest,
                              context: grpc.aio.ServicerContext) -> pb.ServerMetadataResponse:
-        return pb.ServerMetadataResponse(name=SERVER_NAME, version=server_version(), extensions=[])
+        return pb.ServerMetadataResponse(name=SERVER_NAME, version=server_version(), extensions=list(EXTENSIONS))
 
     async def ModelMetadata(self, request: pb.ModelMetadataRequest,
                             context: grpc.aio.ServicerContext) -> pb.ModelMetadataResponse:
@@ -72,6 +75,34 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             name=model.name, versions=[model.version], platform=v2_tensors.PLATFORM,
             inputs=[_tensor_metadata(spec) for spec in v2_tensors.model_inputs(model.metadata)],
             outputs=[_tensor_metadata(spec) for spec in v2_tensors.model_outputs(model)])
+
+    async def ModelConfig(self, request: pb.ModelConfigRequest,
+                          context: grpc.aio.ServicerContext) -> pb.ModelConfigResponse:
+        """Triton's model configuration: what perf_analyzer reads before it sends a request."""
+        await self._check_model(request.name, request.version, context)
+        model = self._recognizer.model
+        inputs = [pb.ModelInput(name=spec.name, data_type=DATA_TYPES[spec.datatype], dims=spec.shape[1:])
+                  for spec in v2_tensors.model_inputs(model.metadata)]
+        outputs = [pb.ModelOutput(name=spec.name, data_type=DATA_TYPES[spec.datatype], dims=spec.shape[1:])
+                   for spec in v2_tensors.model_outputs(model)]
+        return pb.ModelConfigResponse(config=pb.ModelConfig(
+            name=model.name, platform=v2_tensors.PLATFORM, backend="onnxruntime",
+            max_batch_size=self._recognizer.config.max_images_per_request, input=inputs, output=outputs))
+
+    async def ModelStatistics(self, request: pb.ModelStatisticsRequest,
+                              context: grpc.aio.ServicerContext) -> pb.ModelStatisticsResponse:
+        """Triton's statistics, from the counters the metrics keep (every protocol's requests together)."""
+        if request.name:
+            await self._check_model(request.name, request.version, context)
+        model = self._recognizer.model
+        return pb.ModelStatisticsResponse(model_stats=[statistics(self._metrics, model.name, model.version)])
+
+    async def RepositoryIndex(self, request: pb.RepositoryIndexRequest,
+                              context: grpc.aio.ServicerContext) -> pb.RepositoryIndexResponse:
+        model = self._recognizer.model
+        state = "READY" if self._ready() else "UNAVAILABLE"
+        return pb.RepositoryIndexResponse(models=[pb.RepositoryIndexResponse.ModelIndex(
+            name=model.name, version=model.version, state=state)])
 
     async def ModelInfer(self, request: pb.ModelInferRequest,
                          context: grpc.aio.ServicerContext) -> pb.ModelInferResponse:
@@ -148,6 +179,40 @@ def _input(request: pb.ModelInferRequest, meta: Any, raw: bool) -> v2_tensors.In
                 f"not {', '.join(present)}")
     return v2_tensors.from_values(tensor.name, tensor.datatype, tensor.shape, values, meta,
                                   flat_count=v2_tensors.typed_values(tensor.contents))
+
+
+def statistics(metrics: Metrics, name: str, version: str) -> pb.ModelStatistics:
+    """Triton's ModelStatistics from our metrics: successes and failures are requests (with their whole
+    duration), queue is the batch-queue wait, compute_input the decoding, compute_infer session.run."""
+    sample = metrics.registry.get_sample_value
+
+    def duration(histogram: str, labels: dict[str, str] | None = None) -> pb.StatisticDuration:
+        count = sample(f"{histogram}_count", labels) or 0.0
+        return pb.StatisticDuration(count=int(count), ns=int((sample(f"{histogram}_sum", labels) or 0.0) * 1e9))
+
+    ok = fail = 0.0
+    for family in metrics.requests.collect():
+        for s in family.samples:
+            if s.name.endswith("_total"):
+                if s.labels["code"] == "OK":
+                    ok += s.value
+                else:
+                    fail += s.value
+    total_s = sum(s.value for family in metrics.request_seconds.collect() for s in family.samples
+                  if s.name.endswith("_sum"))
+    requests = ok + fail
+    # Request durations are kept as one histogram for all outcomes: shared out by count.
+    success = pb.StatisticDuration(count=int(ok), ns=int(total_s * 1e9 * ok / requests) if requests else 0)
+    failure = pb.StatisticDuration(count=int(fail), ns=int(total_s * 1e9 * fail / requests) if requests else 0)
+    return pb.ModelStatistics(
+        name=name, version=version, last_inference=int((sample("digits_last_inference_timestamp_seconds") or 0) * 1000),
+        inference_count=int(sample("digits_batch_size_sum") or 0),
+        execution_count=int(sample("digits_batch_size_count") or 0),
+        inference_stats=pb.InferStatistics(
+            success=success, fail=failure, queue=duration("digits_queue_wait_seconds"),
+            compute_input=duration("digits_preprocess_duration_seconds"),
+            compute_infer=duration("digits_inference_duration_seconds"),
+            compute_output=pb.StatisticDuration()))
 
 
 def _tensor_metadata(spec: v2_tensors.TensorSpec) -> pb.ModelMetadataResponse.TensorMetadata:

@@ -219,6 +219,7 @@ class DynamicBatcher:
             self._running = False
         self._metrics.inference_seconds.observe(seconds)
         self._metrics.batch_size.observe(total)
+        self._metrics.last_inference.set(time.time())
         offset = 0
         for item in batch:
             rows = slice(offset, offset + item.size)

@@ -71,6 +71,9 @@ class Metrics:
             buckets=LATENCY_BUCKETS, registry=r)
         self.batch_size = Histogram(
             "digits_batch_size", "Images per session.run.", buckets=BATCH_BUCKETS, registry=r)
+        self.last_inference = Gauge(
+            "digits_last_inference_timestamp_seconds", "When the last batch ran (Unix time; 0 before the first).",
+            registry=r)
         self.queue_depth = Gauge(
             "digits_queue_depth", "Images waiting in the batch queue.", registry=r)
         self.queue_capacity = Gauge(
