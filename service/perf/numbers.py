@@ -37,6 +37,7 @@ from PIL import Image
 from scipy import ndimage
 
 from service import idx
+from service.recognition import segment
 from service.recognition.model import load_model
 from service.recognition.preprocess import decode, mnist_recipe, normalize
 from service.recognition.reader import Classify, Reader, Reading
@@ -234,6 +235,7 @@ class KindResult:
     segmentation_errors: int
     candidates_max: int
     seconds: float  # reading all of them, in-process
+    naive_exact: int = 0  # read as naive connected components: every component whole, one digit each
 
     @property
     def exact_rate(self) -> float:
@@ -255,7 +257,7 @@ async def measure(images: np.ndarray, labels: np.ndarray, classify: Classify, pe
     results = []
     for kind_index, kind in enumerate(kinds):
         rng = np.random.default_rng([seed, kind_index])
-        exact = digits = right = alone = wrong_length = by_classifier = by_segmentation = most = 0
+        exact = digits = right = alone = wrong_length = by_classifier = by_segmentation = most = naive = 0
         seconds = 0.0
         for _ in range(per_kind):
             number = compose(images, labels, kind, rng, lengths=lengths)
@@ -274,20 +276,32 @@ async def measure(images: np.ndarray, labels: np.ndarray, classify: Classify, pe
                 by_classifier += read_alone != number.text
                 by_segmentation += read_alone == number.text
             most = max(most, reading.candidates)
+            naive += await _naive(gray, classify) == number.text
         results.append(KindResult(kind, per_kind, exact, digits, right, alone, wrong_length, by_classifier,
-                                  by_segmentation, most, seconds))
+                                  by_segmentation, most, seconds, naive))
     return results
+
+
+async def _naive(gray: np.ndarray, classify: Classify) -> str:
+    """The baseline: the same components (specks dropped), each read whole as one digit."""
+    found = segment.segment(gray)
+    whole = [c for c in found.candidates if any((c.start, c.end) == (a, b) for a, b, _ in found.drops)]
+    if not whole:
+        return ""
+    _, probabilities = await classify(np.stack([mnist_recipe(c.crop) for c in whole]))
+    return "".join(str(int(d)) for d in probabilities.argmax(axis=1))
 
 
 def report(results: Sequence[KindResult]) -> str:
     """A Markdown table of the results."""
-    lines = ["| kind | numbers | exact match | 95% interval | digits right | digits right alone | wrong: classifier "
-             "| wrong: segmentation | wrong length | most candidates | ms per number |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| kind | numbers | exact match | 95% interval | naive components | digits right | digits right alone "
+             "| wrong: classifier | wrong: segmentation | wrong length | most candidates | ms per number |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         low, high = wilson(r.exact, r.numbers)
         share = 100 / max(1, r.digits)
         lines.append(f"| {r.kind} | {r.numbers} | {100 * r.exact_rate:.1f}% | {100 * low:.1f}-{100 * high:.1f}% | "
+                     f"{100 * r.naive_exact / max(1, r.numbers):.1f}% | "
                      f"{share * r.digits_right:.1f}% | {share * r.digits_alone:.1f}% | "
                      f"{r.classifier_errors} | {r.segmentation_errors} | {r.wrong_length} | {r.candidates_max} | "
                      f"{1000 * r.seconds / max(1, r.numbers):.0f} |")

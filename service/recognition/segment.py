@@ -40,6 +40,7 @@ from service.recognition.preprocess import INK_THRESHOLD, MIN_CONTRAST
 
 WORK_HEIGHT = 48  # line height in working pixels: plenty for a 20x20 MNIST crop and for placing cuts
 MAX_UPSCALE = 4.0  # tiny digits are enlarged at most this much
+MAX_WORK_PIXELS = 2_000_000  # the working image is never larger (a 20,000 x 60 strip is 1.2 million)
 SPECK_SIZE = 0.2  # of L: components smaller both ways are specks
 MIN_SPLIT_WIDTH = 0.35  # of L: narrower components are never cut (two touching 1s are about this wide)
 MIN_PIECE_WIDTH = 0.1  # of L: no cut closer than this to a component's side in its middle row
@@ -55,6 +56,7 @@ MAX_DIGIT_WIDTH = 1.8  # of L (a wide 2 or 5, slanted)
 MIN_DIGIT_HEIGHT = 0.45  # of L
 MAX_INNER_GAP = 0.2  # of L: parts of one digit are never further apart than this
 MAX_COMPONENTS = 64  # per image, the largest: 20 digits in up to three pieces each
+MAX_CUTS = 64  # per image, the cheapest: 20 touching digits need 19
 MAX_CANDIDATES = 256  # per image: the most crops one image sends to the classifier
 PAD = 2  # background pixels around every crop, so that mnist_recipe sees its polarity on the border
 
@@ -134,7 +136,8 @@ def segment(gray: np.ndarray) -> Segmentation:
     keep[0] = True  # faint pixels stay: they shade the digits' edges, as in MNIST
     keep[kept + 1] = True
     region = np.where(keep[labels[top:bottom, left:right]], ink[top:bottom, left:right], 0)
-    scale = min(MAX_UPSCALE, WORK_HEIGHT / line)
+    # Working scale, and never more working pixels than MAX_WORK_PIXELS whatever is drawn.
+    scale = min(MAX_UPSCALE, WORK_HEIGHT / line, np.sqrt(MAX_WORK_PIXELS / region.size))
     work, scale_x, scale_y = _to_working(region, peak, scale, _stroke_width(region > peak * INK_THRESHOLD))
     return _segment_working(work, line, (left, top), (scale_x, scale_y), gray.shape)
 
@@ -215,6 +218,10 @@ def _segment_working(work: np.ndarray, line: float, origin: tuple[int, int], sca
         own = owner[box] == number
         cuts = _cuts(np.where(own, work[box], 0.0) / (255.0 * stroke), line_w)
         components.append(_Component(box, own, own & mask[box], sorted(cuts, key=lambda c: int(c[1][len(c[1]) // 2]))))
+    ranked = sorted((cut[0], n, k) for n, c in enumerate(components) for k, cut in enumerate(c.cuts))
+    kept = {(n, k) for _, n, k in ranked[:MAX_CUTS]}  # the cheapest MAX_CUTS of the image
+    for n, c in enumerate(components):
+        c.cuts = [cut for k, cut in enumerate(c.cuts) if (n, k) in kept]
     while True:
         slices = [_slices(c, line_w) for c in components]
         found = _enumerate(components, slices, line_w)
@@ -354,7 +361,7 @@ def _cuts(cost: np.ndarray, line: float) -> list[Cut]:
     margin = FAINT_REACH + max(1, round(MIN_PIECE_WIDTH * line))
     most = int(np.ceil((width - 2 * FAINT_REACH) / (CUTS_PER_WIDTH * line)))
     found: list[Cut] = []
-    for strokes, path in sorted((c for slant in SLANTS for c in _slanted_paths(cost, slant, margin, line)),
+    for strokes, path in sorted((c for slant in SLANTS for c in _slanted_paths(cost, slant, margin, line, 2 * most)),
                                 key=lambda c: c[0]):
         if len(found) >= most or strokes > MAX_CUT_STROKES:
             break
@@ -372,9 +379,9 @@ def _cross(a: np.ndarray, b: np.ndarray) -> bool:
     return bool((a < b).any() and (a > b).any())
 
 
-def _slanted_paths(cost: np.ndarray, slant: float, margin: int, line: float) -> list[Cut]:
-    """The least-cost paths leaning `slant` (x per row, > 0: the top leans right) through each local
-    minimum of the middle row, in the component box's columns."""
+def _slanted_paths(cost: np.ndarray, slant: float, margin: int, line: float, most: int) -> list[Cut]:
+    """The least-cost paths leaning `slant` (x per row, > 0: the top leans right) through the `most`
+    cheapest local minima of the middle row, in the component box's columns."""
     height, width = cost.shape
     middle = height // 2
     # Shear so that paths of this slant are vertical: row y moves by `shift[y]` columns.
@@ -389,12 +396,10 @@ def _slanted_paths(cost: np.ndarray, slant: float, margin: int, line: float) -> 
     # Ties (a wide gap) are broken towards the column with least ink nearby: the gap's middle.
     nearby = ndimage.uniform_filter1d(sheared.sum(axis=0), max(1, round(CUT_SPACING * line)))
     through_tied = through + 1e-3 * nearby
-    found = []
-    for x in range(pad + margin, pad + width - margin):  # the middle row is not shifted
-        if through_tied[x] <= through_tied[x - 1] and through_tied[x] <= through_tied[x + 1]:
-            path = _trace(x, middle, down_step, up_step)
-            found.append((float(through[x]), columns[np.arange(height), path]))
-    return found
+    x = np.arange(pad + margin, pad + width - margin)  # the middle row is not shifted
+    x = x[(through_tied[x] <= through_tied[x - 1]) & (through_tied[x] <= through_tied[x + 1])]
+    x = x[np.argsort(through[x], kind="stable")[:most]]  # only the cheapest can be kept
+    return [(float(through[i]), columns[np.arange(height), _trace(int(i), middle, down_step, up_step)]) for i in x]
 
 
 def _descend(cost: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -404,14 +409,16 @@ def _descend(cost: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     total = np.empty_like(cost)
     step = np.zeros((height, width), dtype=np.int8)
     total[0] = cost[0]
-    inf = np.full(1, np.inf)
+    from_left = np.full(width, np.inf)
+    from_right = np.full(width, np.inf)
     for y in range(1, height):
         above = total[y - 1]
-        options = np.stack((np.concatenate((inf, above[:-1])) + LATERAL_COST, above,
-                            np.concatenate((above[1:], inf)) + LATERAL_COST))
-        best = options.argmin(axis=0)
-        total[y] = cost[y] + options[best, np.arange(width)]
-        step[y] = best.astype(np.int8) - 1  # -1: came from the column to the left
+        from_left[1:] = above[:-1] + LATERAL_COST
+        from_right[:-1] = above[1:] + LATERAL_COST
+        best = np.minimum(np.minimum(from_left, from_right), above)
+        total[y] = cost[y] + best
+        # Straight down wins ties, then from the left.
+        step[y] = np.where(best == above, 0, np.where(best == from_left, -1, 1))
     return total, step
 
 
