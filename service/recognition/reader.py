@@ -47,25 +47,25 @@ class Scoring:
     # Per digit read, plus `logit` times its top logit. Softmax confidence says which digit a crop is
     # most like, not whether it is one: two touching digits or half a digit often get a confident
     # softmax from smaller logits than a clean digit does (the energy view of out-of-distribution input).
-    digit: float = -4.0
+    digit: float = -3.6
     logit: float = 0.5
-    cut: float = 2.0  # per stroke width a used cut crossed
-    cut_base: float = 1.0  # per cut used
+    cut: float = 1.35  # per stroke width a used cut crossed
+    cut_base: float = 1.3  # per cut used
     # Per line height the cut component is narrower than `split_width`: one digit is seldom wider
     # than a line height, two touching digits seldom narrower.
-    cut_narrow: float = 8.0
+    cut_narrow: float = 7.5
     split_width: float = 1.4
     overlap: float = 0.0  # per unit of overlap (0..1) between two components read as different digits
-    drop: float = 6.0  # per line height of a component dropped as noise
+    drop: float = 10.0  # per line height of a component dropped as noise
     drop_base: float = 1.0  # per component dropped
-    short: float = 32.0  # per line height a digit is shorter than SHORT
-    narrow: float = 8.0  # per line height a digit other than 1 is narrower than NARROW
-    wide: float = 8.0  # per line height a digit is wider than ASPECT[digit] + wide_margin
-    wide_margin: float = 0.1  # of the line height: slant and a writer's wide hand
+    short: float = 32.0  # per line height a digit is shorter than `short_below`
+    short_below: float = 0.8  # of the line height
+    narrow: float = 11.0  # per line height a digit other than 1 is narrower than `narrow_below`
+    narrow_below: float = 0.3  # of the line height
+    wide: float = 6.7  # per line height a digit is wider than ASPECT[digit] + wide_margin
+    wide_margin: float = 0.06  # of the line height: slant and a writer's wide hand
 
 
-SHORT = 0.6  # of the line height
-NARROW = 0.3
 # MNIST digits' median width over height per class (measured on the shipped model's training digits):
 # a crop much wider than its digit usually is holds two digits.
 ASPECT = (0.9, 0.45, 0.95, 0.8, 0.8, 1.0, 0.7, 0.8, 0.8, 0.7)
@@ -143,10 +143,10 @@ class Reader:
 
 def shape_penalty(candidate: Candidate, digit: int, scoring: Scoring) -> float:
     """How implausible this crop's size is for `digit` in this line (0: plausible)."""
-    penalty = scoring.short * max(0.0, SHORT - candidate.height)
+    penalty = scoring.short * max(0.0, scoring.short_below - candidate.height)
     penalty += scoring.wide * max(0.0, candidate.width - ASPECT[digit] - scoring.wide_margin)
     if digit != 1:
-        penalty += scoring.narrow * max(0.0, NARROW - candidate.width)
+        penalty += scoring.narrow * max(0.0, scoring.narrow_below - candidate.width)
     return penalty
 
 

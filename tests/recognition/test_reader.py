@@ -19,9 +19,9 @@ from service.recognition.reader import Classify, Reader, Reading
 from tests.harness import SHIPPED_MODEL, fixture_digits
 
 # Exact-match floors on 50 numbers (2-7 digits) of each kind from the fixture's t10k digits, a few
-# points under what this build reads (docs/reading.md): a regression in the segmenter or the scoring
-# falls below them; the shipped model's own digit errors (about 1.5% of digits) are inside them.
-FLOORS = {"spaced": 0.88, "tight": 0.84, "touching": 0.5}
+# numbers under what this build reads (96%, 94% and 60%; docs/reading.md): a regression in the
+# segmenter or the scoring falls below them.
+FLOORS = {"spaced": 0.9, "tight": 0.88, "touching": 0.5}
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +40,7 @@ def read(reader: Reader, number: Number) -> Reading:
 
 def test_numbers_of_every_kind_read_exactly_at_a_high_rate(digits: tuple[np.ndarray, np.ndarray],
                                                             classify: Classify) -> None:
-    results = asyncio.run(measure(*digits, classify, per_kind=50, seed=1))
+    results = asyncio.run(measure(*digits, classify, per_kind=50, seed=1, explain=False))
     rates = {r.kind: r.exact_rate for r in results}
     assert all(rates[kind] >= FLOORS[kind] for kind in KINDS), rates
     assert all(r.candidates_max <= segment.MAX_CANDIDATES for r in results)
@@ -48,7 +48,7 @@ def test_numbers_of_every_kind_read_exactly_at_a_high_rate(digits: tuple[np.ndar
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_every_box_covers_its_digit(digits: tuple[np.ndarray, np.ndarray], classify: Classify, kind: str) -> None:
-    """Where the reading has the right number of digits, the i-th box holds the i-th true digit: all of
+    """Where the reading is right, the i-th box holds the i-th true digit: all of
     it where digits do not touch; where strokes run into each other the cut gives the ink they share
     to one of the two, so most of it."""
     covered = 0.95 if kind != "touching" else 0.7
@@ -58,7 +58,7 @@ def test_every_box_covers_its_digit(digits: tuple[np.ndarray, np.ndarray], class
     for _ in range(12):
         number = compose(*digits, kind, rng)
         reading = read(reader, number)
-        if len(reading.text) != len(number.text):
+        if reading.text != number.text:
             continue
         for (x, y, w, h), digit in zip(number.boxes, reading.digits, strict=True):
             box = digit.box
@@ -67,7 +67,7 @@ def test_every_box_covers_its_digit(digits: tuple[np.ndarray, np.ndarray], class
             assert shared >= covered * w * h, (number.text, reading.text, (x, y, w, h), box)
             assert shared >= 0.5 * box.width * box.height  # and not much more than it
         checked += 1
-    assert checked >= 9
+    assert checked >= 6
 
 
 def test_one_digit_reads_as_recognize_would(digits: tuple[np.ndarray, np.ndarray], classify: Classify) -> None:
