@@ -3,20 +3,21 @@
 `Reader.read` segments the image (`service.recognition.segment`), sends every candidate crop
 through the MNIST recipe and the classifier in ONE call (in the server that is
 `Recognizer.recognize_pixels`, so the crops of one number batch with each other and with other
-traffic in the DynamicBatcher), and chooses the segmentation by dynamic programming: the partition
-of the line's pieces into digits (and dropped noise) with the highest score
+traffic in the DynamicBatcher), and chooses by dynamic programming the path through the
+segmentation graph (digits, and components dropped as noise) with the highest score:
 
-    sum over chosen digits of   log p(digit | crop) + shape(crop, digit)
-    minus, per boundary used,   the ink the cut crossed and how far the neighbours overlap
-    minus, per piece dropped,   what dropping that much ink costs.
+    sum over its digits of      log p(digit | crop) + digit + logit * top logit - shape(crop, digit)
+    minus, per cut used,        the ink it crossed, and more in a component too narrow for two digits
+    minus, per dropped piece,   what dropping that much ink costs.
 
-Every term is a log-probability or a penalty on that scale (`Scoring`), and the classifier term is
-the model's own probability: a model trained to give pairs of digits and non-digits low confidence
-plugs in without a change here and makes wrong pieces lose on their own.
+Every term is on the scale of a log-probability (`Scoring`), and the main one is the model's own:
+a model trained to give pairs of digits and non-digits low confidence plugs in without a change
+here and makes wrong pieces lose on their own.
 """
 
 from __future__ import annotations
 
+import asyncio
 import math
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -55,7 +56,6 @@ class Scoring:
     # than a line height, two touching digits seldom narrower.
     cut_narrow: float = 7.5
     split_width: float = 1.4
-    overlap: float = 0.0  # per unit of overlap (0..1) between two components read as different digits
     drop: float = 10.0  # per line height of a component dropped as noise
     drop_base: float = 1.0  # per component dropped
     short: float = 32.0  # per line height a digit is shorter than `short_below`
@@ -102,35 +102,34 @@ class Reading:
 
 
 class Reader:
-    """Reads lines of digits with `classify` (see `Classify`)."""
+    """Reads lines of digits with `classify` (see `Classify`).
 
-    def __init__(self, classify: Classify, scoring: Scoring | None = None) -> None:
+    The CPU work of a reading (decoding, segmenting, the recipe: tens of milliseconds for a long line)
+    runs on a worker thread, so that a server's event loop keeps serving meanwhile. All crops of one
+    image go to `classify` in one call, or in calls of at most `max_per_call` crops made at once (a
+    server whose per-request image limit is below segment.MAX_CANDIDATES), which batch together.
+    """
+
+    def __init__(self, classify: Classify, scoring: Scoring | None = None, max_per_call: int | None = None) -> None:
         self._classify = classify
         self._scoring = scoring or Scoring()
+        self._max_per_call = max_per_call
 
     async def read_payload(self, payload: bytes | RawImage, max_pixels: int = 25_000_000,
                            rule: Rejection | None = None) -> Reading:
-        """Read an encoded image file or raw pixels of any size, as Recognize takes one digit.
-
-        Raises preprocess.ImageError / ImageTooLarge for undecodable or oversized input.
-        """
-        if isinstance(payload, RawImage):
-            pixels = raw_pixels(payload, max_pixels)
-            gray = pixels if pixels.dtype == np.uint8 else np.rint(pixels * 255).astype(np.uint8)
-        else:
-            gray = decode(payload, max_pixels)
-        return await self.read(gray, rule)
+        """Read an encoded image file or raw pixels of any size and polarity, as Recognize takes one
+        digit. Raises preprocess.ImageError / ImageTooLarge for undecodable or oversized input."""
+        return await self.read(await asyncio.to_thread(gray_of, payload, max_pixels), rule)
 
     async def read(self, gray: np.ndarray, rule: Rejection | None = None) -> Reading:
         """Read a [H, W] uint8 grayscale image; `rule` is the model's rejection rule (None: accept all)."""
-        found = segment(gray)
+        found, pixels = await asyncio.to_thread(_prepare, gray)
         if not found.candidates:
             return Reading("", 0.0, (), rejection.NO_INK, 0)
-        pixels = np.stack([mnist_recipe(c.crop) for c in found.candidates])
-        logits, probabilities = await self._classify(pixels)
+        logits, probabilities = await self._classify_all(pixels)
         chosen = choose(found, logits, probabilities, self._scoring)
-        if not chosen:
-            return Reading("", 0.0, (), rejection.NO_INK, len(found.candidates))
+        if not chosen:  # ink, but every piece of it was cheaper to drop than to read as a digit
+            return Reading("", 0.0, (), rejection.NOT_A_DIGIT, len(found.candidates))
         reasons = rejection.decide(rule, logits[chosen], probabilities[chosen])
         digits = tuple(
             ReadDigit(int(probabilities[i].argmax()), float(probabilities[i].max()), found.candidates[i].box,
@@ -139,6 +138,27 @@ class Reader:
         first_rejected = next((d.rejection for d in digits if d.rejection), rejection.ACCEPTED)
         return Reading("".join(str(d.digit) for d in digits), math.prod(d.confidence for d in digits), digits,
                        first_rejected, len(found.candidates))
+
+    async def _classify_all(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        size = self._max_per_call or len(pixels)
+        if len(pixels) <= size:
+            return await self._classify(pixels)
+        parts = await asyncio.gather(*(self._classify(pixels[i:i + size]) for i in range(0, len(pixels), size)))
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+
+def gray_of(payload: bytes | RawImage, max_pixels: int) -> np.ndarray:
+    """A payload as 8-bit grayscale, limits checked as for Recognize (ImageError / ImageTooLarge)."""
+    if isinstance(payload, RawImage):
+        pixels = raw_pixels(payload, max_pixels)
+        return pixels if pixels.dtype == np.uint8 else np.rint(pixels * 255).astype(np.uint8)
+    return decode(payload, max_pixels)
+
+
+def _prepare(gray: np.ndarray) -> tuple[Segmentation, np.ndarray]:
+    """The segmentation, and every candidate through the MNIST recipe ([k, 28, 28] uint8)."""
+    found = segment(gray)
+    return found, np.stack([mnist_recipe(c.crop) for c in found.candidates]) if found.candidates else np.empty(0)
 
 
 def shape_penalty(candidate: Candidate, digit: int, scoring: Scoring) -> float:
@@ -154,7 +174,7 @@ def choose(found: Segmentation, logits: np.ndarray, probabilities: np.ndarray, s
     """The candidates (indices) on the best-scoring path through the segmentation graph, in order.
 
     best[j] is the best score of a reading of everything before node j. A step from node i to a later
-    node is a candidate digit or a dropped component; starting it at node i costs i's cut and overlap.
+    node is a candidate digit or a dropped component; starting it at a cut costs that cut.
     """
     digits = probabilities.argmax(axis=1)
     steps: list[list[tuple[int, float, int | None]]] = [[] for _ in range(found.nodes)]  # by end node
@@ -166,12 +186,11 @@ def choose(found: Segmentation, logits: np.ndarray, probabilities: np.ndarray, s
         steps[end].append((start, -scoring.drop_base - scoring.drop * height, None))
 
     def starting(node: int) -> float:
-        if not node:
+        width = found.cut_widths[node]
+        if not width:  # the line's or a component's start: no cut
             return 0.0
-        strokes = found.cut_strokes[node]
-        narrow = max(0.0, scoring.split_width - found.cut_widths[node]) if strokes > 0 else 0.0
-        return (scoring.cut * strokes + scoring.cut_base * (strokes > 0) + scoring.cut_narrow * narrow
-                + scoring.overlap * found.overlaps[node])
+        return (scoring.cut * found.cut_strokes[node] + scoring.cut_base
+                + scoring.cut_narrow * max(0.0, scoring.split_width - width))
 
     best = [-math.inf] * found.nodes
     back: list[tuple[int, int | None]] = [(0, None)] * found.nodes  # (previous node, candidate; None: a drop)

@@ -24,8 +24,9 @@ as a candidate digit. It never decides alone whether some ink is one digit or tw
    MAX_INNER_GAP * L between its parts. Each comes with its crop (its own ink only: a neighbour's
    ink across a cut is masked out) and its box in the pixels of the image as sent.
 
-Bounds: at most MAX_COMPONENTS components (the largest) and at most MAX_CANDIDATES candidate crops
-per image: past that, the costliest cuts are given up until the candidates fit.
+Bounds per image: at most MAX_WORK_PIXELS working pixels, MAX_COMPONENTS components (the largest),
+MAX_CUTS cuts (the cheapest) and MAX_CANDIDATES candidate crops (past that, the costliest cuts are
+given up until the candidates fit).
 """
 
 from __future__ import annotations
@@ -92,18 +93,16 @@ class Segmentation:
 
     nodes: int
     candidates: tuple[Candidate, ...]
-    # Per node, what starting a digit there says: the stroke widths its cut crosses and the width (of L)
-    # of the component it cuts (both 0 at a component's start), and how much of the narrower of the
-    # two components a component's start separates lies under the other (0..1; 0 at a cut).
+    # Per node, what starting a digit there says: the stroke widths its cut crosses, and the width (of L)
+    # of the component it cuts (both 0 at a component's start).
     cut_strokes: tuple[float, ...]
     cut_widths: tuple[float, ...]
-    overlaps: tuple[float, ...]
     # Per component: (its first node, the next component's first node, its height of L): dropping it.
     drops: tuple[tuple[int, int, float], ...]
     line_height: float  # image pixels
 
 
-NOTHING = Segmentation(1, (), (0.0,), (0.0,), (0.0,), (), 0.0)
+NOTHING = Segmentation(1, (), (0.0,), (0.0,), (), 0.0)
 
 
 def ink_of(gray: np.ndarray) -> tuple[np.ndarray, int]:
@@ -317,16 +316,10 @@ def _graph(work: np.ndarray, components: list[_Component], found: list[tuple[int
     starts = _nodes(components)
     strokes = [0.0] * (starts[-1] + 1)
     widths = [0.0] * (starts[-1] + 1)
-    overlaps = [0.0] * (starts[-1] + 1)
     for number, component in enumerate(components):
         for k, (cost, _) in enumerate(component.cuts, start=1):
             strokes[starts[number] + k] = cost
             widths[starts[number] + k] = float(component.inked.any(axis=0).sum()) / line_w
-        if number:
-            before, here = components[number - 1].box[1], component.box[1]
-            shared = min(before.stop, here.stop) - max(before.start, here.start) - 2 * FAINT_REACH
-            narrower = min(before.stop - before.start, here.stop - here.start) - 2 * FAINT_REACH
-            overlaps[starts[number]] = max(0, shared) / max(1, narrower)
     candidates = []
     for start, end, parts, span in found:
         top, bottom = max(0, span[0] - FAINT_REACH), span[1] + FAINT_REACH
@@ -345,8 +338,7 @@ def _graph(work: np.ndarray, components: list[_Component], found: list[tuple[int
                                     (span[3] - span[2]) / line_w, (span[1] - span[0]) / line_w))
     drops = tuple((starts[n], starts[n + 1], float(c.inked.any(axis=1).sum()) / line_w)
                   for n, c in enumerate(components))
-    return Segmentation(starts[-1] + 1, tuple(candidates), tuple(strokes), tuple(widths), tuple(overlaps), drops,
-                        line)
+    return Segmentation(starts[-1] + 1, tuple(candidates), tuple(strokes), tuple(widths), drops, line)
 
 def _cuts(cost: np.ndarray, line: float) -> list[Cut]:
     """Candidate cuts of one component, given its ink in stroke widths per pixel (`cost`, its box

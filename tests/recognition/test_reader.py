@@ -104,6 +104,10 @@ def test_all_candidates_of_an_image_go_in_one_call(digits: tuple[np.ndarray, np.
     reading = read(Reader(recording), number)
     assert len(calls) == 1 and len(calls[0]) == reading.candidates > len(number.text)
     assert calls[0].shape[1:] == (28, 28) and calls[0].dtype == np.uint8
+    calls.clear()
+    chunked = asyncio.run(Reader(recording, max_per_call=16).read(decode(number.png, 10**8)))
+    assert chunked.text == reading.text and [len(c) for c in calls] == [16] * (reading.candidates // 16) + (
+        [reading.candidates % 16] if reading.candidates % 16 else [])
 
 
 def test_payloads_in_any_form_read_alike(digits: tuple[np.ndarray, np.ndarray], classify: Classify) -> None:
