@@ -59,6 +59,7 @@ MAX_INNER_GAP = 0.2  # of L: parts of one digit are never further apart than thi
 MAX_COMPONENTS = 64  # per image, the largest: 20 digits in up to three pieces each
 MAX_CUTS = 64  # per image, the cheapest: 20 touching digits need 19
 MAX_CANDIDATES = 256  # per image: the most crops one image sends to the classifier
+PAGE_SIDE = 64  # the paper's level is estimated on a copy about this many pixels on its short side
 PAD = 2  # background pixels around every crop, so that mnist_recipe sees its polarity on the border
 
 EIGHT = np.ones((3, 3), dtype=bool)
@@ -107,12 +108,30 @@ NOTHING = Segmentation(1, (), (0.0,), (0.0,), (), 0.0)
 
 def ink_of(gray: np.ndarray) -> tuple[np.ndarray, int]:
     """(ink, peak): int16 ink (0 = background) of a grayscale image of either polarity, and its
-    brightest value. Polarity and background level as in `preprocess.mnist_recipe`."""
+    brightest value. The polarity comes from the border, as in `preprocess.mnist_recipe`; the
+    background level is the page's own at every pixel, so that a photo lit unevenly (a meter under a
+    lamp, a page darker on one side) does not turn its darker paper into ink."""
     border = np.concatenate((gray[0], gray[-1], gray[:, 0], gray[:, -1]))
-    background = int(np.median(border))
-    ink = background - gray.astype(np.int16) if background > 127 else gray.astype(np.int16) - background
+    dark_ink = int(np.median(border)) > 127
+    ink = _page(gray, dark_ink) - gray.astype(np.int16)
+    if not dark_ink:
+        ink = -ink
     np.clip(ink, 0, None, out=ink)
     return ink, int(ink.max())
+
+
+def _page(gray: np.ndarray, dark_ink: bool) -> np.ndarray:
+    """The paper's level at every pixel (int16): the image with its strokes closed over (a grey
+    closing for dark ink, an opening for light ink) by a window of a quarter of its short side,
+    many stroke widths for one line of digits; on a small copy, for speed, then smoothed."""
+    step = max(1, min(gray.shape) // PAGE_SIDE)
+    small = gray[::step, ::step]
+    size = max(3, min(small.shape) // 4)
+    level = ndimage.grey_closing(small, size=size) if dark_ink else ndimage.grey_opening(small, size=size)
+    level = ndimage.uniform_filter(level, size=size)
+    if step > 1 or level.shape != gray.shape:
+        level = np.asarray(Image.fromarray(level).resize(gray.shape[::-1], Image.Resampling.BILINEAR))
+    return level.astype(np.int16)
 
 
 def segment(gray: np.ndarray) -> Segmentation:
