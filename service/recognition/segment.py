@@ -1,32 +1,22 @@
 """Split one line of handwritten digits into candidate digits, for the Reader to choose from.
 
-The segmenter over-segments and lets the classifier choose (`service.recognition.reader`): it offers
-every cut that might separate two digits, and every plausible stretch of ink between two such places
-as a candidate digit. It never decides alone whether some ink is one digit or two.
+It over-segments and lets the classifier choose (`service.recognition.reader`); it never decides
+alone whether some ink is one digit or two. In order (docs/reading.md has the figures):
 
-1. Ink: the polarity comes from the border, as in `preprocess.mnist_recipe`; ink is the distance
-   from the background level, and a pixel is inked above INK_THRESHOLD of the brightest one.
-2. Components: 8-connected ink at the image's own resolution. The line height L is the median
-   height of the large components; components smaller than SPECK_SIZE * L both ways are specks and
-   are dropped.
-3. Working scale: the kept ink is resized so that L is WORK_HEIGHT pixels. Everything after this
-   step costs what the line's length costs, whatever the photo's resolution.
-4. Cuts: a component wide enough to hold two digits gets candidate cuts: for each slant of SLANTS,
-   the least-ink path from its top to its bottom through each local minimum of its middle row (a
-   drop-fall path that leans that way and bends around strokes). A cut's cost is the ink it
-   crosses, in stroke widths: about 1 where two digits touch, 2 or more through the middle of a 0.
-5. The graph: its nodes are the places where a digit may start, in reading order: the start of
-   every component (components ordered by their centres) and every cut. A candidate runs from one
-   node to a later one: the part of a component between two cuts that do not cross, or the end of
-   one component, up to MAX_GROUP - 2 whole ones, and the start of another. So the pieces of one
-   digit (a 4 in two strokes, a 5 whose bar is detached) are joined again by a candidate. It must
-   be at most MAX_DIGIT_WIDTH * L wide, at least MIN_DIGIT_HEIGHT * L high, with no gap wider than
-   MAX_INNER_GAP * L between its parts. Each comes with its crop (its own ink only: a neighbour's
-   ink across a cut is masked out) and its box in the pixels of the image as sent.
+1. Ink against the paper's own level; 8-connected components at the image's resolution; the line
+   height L (median height of the large components); specks (under SPECK_SIZE * L both ways) dropped.
+2. Working scale: the kept ink resized so that L is WORK_HEIGHT pixels; all later work costs what the
+   line's length costs, whatever the photo's resolution.
+3. Cuts: in a component wide enough for two digits, for each slant of SLANTS, the least-ink paths
+   from top to bottom through local minima of its middle row; a cut costs the ink it crosses in
+   stroke widths (about 1 where two digits touch, 2 or more through a 0).
+4. The graph: nodes where a digit may start (each component's start, each cut, in reading order);
+   a candidate runs from one node to a later one, through at most MAX_GROUP components, so the
+   pieces of one digit (a 4 in two strokes, a 5 with a detached bar) are joined again. Each comes
+   with its crop (its own ink only) and its box in the pixels of the image as sent.
 
-Bounds per image: at most MAX_WORK_PIXELS working pixels, MAX_COMPONENTS components (the largest),
-MAX_CUTS cuts (the cheapest) and MAX_CANDIDATES candidate crops (past that, the costliest cuts are
-given up until the candidates fit).
+Bounds per image: MAX_WORK_PIXELS working pixels, MAX_COMPONENTS components (the largest), MAX_CUTS
+cuts (the cheapest) and MAX_CANDIDATES candidate crops (past that, the costliest cuts are given up).
 """
 
 from __future__ import annotations
@@ -209,7 +199,7 @@ Part = tuple[int, int, int]  # (component, from position, to position)
 
 def _segment_working(work: np.ndarray, line: float, origin: tuple[int, int], scale: tuple[float, float],
                      shape: tuple[int, ...]) -> Segmentation:
-    """Steps 4-5 on the working-scale ink `work` (float 0..255)."""
+    """Steps 3-4 on the working-scale ink `work` (float 0..255)."""
     line_w = line * scale[1]
     mask = work > 255 * INK_THRESHOLD
     labels, count = ndimage.label(mask, structure=EIGHT)
@@ -358,6 +348,7 @@ def _graph(work: np.ndarray, components: list[_Component], found: list[tuple[int
     drops = tuple((starts[n], starts[n + 1], float(c.inked.any(axis=1).sum()) / line_w)
                   for n, c in enumerate(components))
     return Segmentation(starts[-1] + 1, tuple(candidates), tuple(strokes), tuple(widths), drops, line)
+
 
 def _cuts(cost: np.ndarray, line: float) -> list[Cut]:
     """Candidate cuts of one component, given its ink in stroke widths per pixel (`cost`, its box
