@@ -83,8 +83,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         model = self._recognizer.model
         inputs = [pb.ModelInput(name=spec.name, data_type=DATA_TYPES[spec.datatype], dims=spec.shape[1:])
                   for spec in v2_tensors.model_inputs(model.metadata)]
+        # The model's own outputs: `accepted` (a [N] verdict the server adds on request) has no dims of
+        # its own to declare, which Triton's configuration cannot say for a batched model.
         outputs = [pb.ModelOutput(name=spec.name, data_type=DATA_TYPES[spec.datatype], dims=spec.shape[1:])
-                   for spec in v2_tensors.model_outputs(model)]
+                   for spec in v2_tensors.model_outputs(model) if spec.name in model.output_names]
         return pb.ModelConfigResponse(config=pb.ModelConfig(
             name=model.name, platform=v2_tensors.PLATFORM, backend="onnxruntime",
             max_batch_size=self._recognizer.config.max_images_per_request, input=inputs, output=outputs))

@@ -39,8 +39,9 @@ from scipy import ndimage
 
 from service import idx
 from service.recognition import segment
+from service.recognition.decode import decode
 from service.recognition.model import load_model
-from service.recognition.preprocess import decode, mnist_recipe, normalize
+from service.recognition.preprocess import mnist_recipe, normalize
 from service.recognition.reader import Classify, Reader, Reading, Scoring, choose
 
 KINDS = ("spaced", "tight", "touching")

@@ -25,8 +25,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from service.recognition import rejection
+from service.recognition.decode import RawImage, decode, raw_pixels
 from service.recognition.model_metadata import Rejection
-from service.recognition.preprocess import RawImage, decode, mnist_recipe, raw_pixels
+from service.recognition.preprocess import mnist_recipe
 from service.recognition.segment import Box, Candidate, Segmentation, segment
 
 # pixels [k, 28, 28] uint8, MNIST convention -> (logits [k, 10], probabilities [k, 10])

@@ -27,7 +27,8 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from service.recognition.preprocess import INK_THRESHOLD, MIN_CONTRAST
+from service.recognition.ink import MIN_CONTRAST
+from service.recognition.preprocess import INK_THRESHOLD
 
 WORK_HEIGHT = 48  # line height in working pixels: plenty for a 20x20 MNIST crop and for placing cuts
 MAX_UPSCALE = 4.0  # tiny digits are enlarged at most this much

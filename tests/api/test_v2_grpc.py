@@ -251,10 +251,34 @@ def test_typed_values_in_the_wrong_field_are_named(server) -> None:
     assert "values go in contents.fp32_contents, not int_contents" in caught.value.details()
 
 
-def test_triton_only_rpcs_are_unimplemented(client) -> None:
+def test_tritons_extension_rpcs_that_its_tools_need(server, client, digits) -> None:
+    """ModelConfig (perf_analyzer reads it first), ModelStatistics and RepositoryIndex, through
+    tritonclient; Triton's other extensions stay UNIMPLEMENTED."""
+    model = server.recognizer.model
+    assert set(client.get_server_metadata(as_json=True)["extensions"]) == {
+        "model_configuration", "statistics", "binary_tensor_data"}
+    config = client.get_model_config("lenet5", as_json=True)["config"]
+    assert config["name"] == "lenet5" and config["platform"] == "onnxruntime_onnx"
+    assert config["max_batch_size"] == server.config.max_images_per_request
+    assert config["input"] == [{"name": "image", "data_type": "TYPE_FP32", "dims": ["1", "28", "28"]}]
+    assert [(o["name"], o["data_type"], o["dims"]) for o in config["output"]] == [
+        ("logits", "TYPE_FP32", ["10"]), ("probabilities", "TYPE_FP32", ["10"])]
+    assert client.get_model_repository_index(as_json=True)["models"] == [
+        {"name": "lenet5", "version": model.version, "state": "READY"}]
+    before = client.get_inference_statistics("lenet5", as_json=True)["model_stats"][0]
+    client.infer("lenet5", [infer_input("image", normalized(server, digits[0][:5]), "FP32")])
+    after = client.get_inference_statistics("lenet5", as_json=True)["model_stats"][0]
+    assert int(after["inference_count"]) - int(before.get("inference_count", 0)) == 5
+    assert int(after["execution_count"]) > int(before.get("execution_count", 0))
+    success = after["inference_stats"]["success"]
+    assert int(success["count"]) > int(before["inference_stats"].get("success", {}).get("count", 0))
+    assert int(after["inference_stats"]["compute_infer"]["ns"]) > 0 and int(after["last_inference"]) > 0
     with pytest.raises(InferenceServerException) as caught:
-        client.get_model_repository_index()
+        client.load_model("lenet5")
     assert caught.value.status() == "StatusCode.UNIMPLEMENTED"
+    with pytest.raises(InferenceServerException) as missing:
+        client.get_model_config("mnist")
+    assert missing.value.status() == "StatusCode.NOT_FOUND"
 
 
 def test_one_v2_request_of_n_images_is_n_images_for_the_batcher_and_the_metrics(server, client, digits) -> None:

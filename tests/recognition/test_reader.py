@@ -13,8 +13,8 @@ from PIL import Image
 
 from service.perf.numbers import KINDS, Number, compose, measure, onnx_classifier, tune
 from service.recognition import rejection, segment
+from service.recognition.decode import ImageTooLarge, RawImage, decode
 from service.recognition.model_metadata import Rejection, Threshold
-from service.recognition.preprocess import ImageTooLarge, RawImage, decode
 from service.recognition.reader import Classify, Reader, Reading, Scoring
 from tests.harness import SHIPPED_MODEL, fixture_digits
 

@@ -10,7 +10,7 @@ from PIL import Image, ImageDraw
 
 from service.perf.numbers import KINDS, compose
 from service.recognition import segment
-from service.recognition.preprocess import decode
+from service.recognition.decode import decode
 from tests.harness import fixture_digits
 
 
