@@ -10,7 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from service.client_flags import add_tls_client_flags, tls_from_args
+from service.client_flags import add_tls_client_flags, tls_from_args, token_from_args
 from service.server import config as config_module
 
 Subparsers = Any  # argparse's _SubParsersAction is private
@@ -64,12 +64,12 @@ def run_predict(args: argparse.Namespace) -> int:
         print(f"digits predict: no such file: {', '.join(missing)}", file=sys.stderr)
         return 2
     try:
-        tls = tls_from_args(args)
+        tls, token = tls_from_args(args), token_from_args(args)
     except ValueError as exc:
         print(f"digits predict: {exc}", file=sys.stderr)
         return 2
     try:
-        with DigitsClient(args.server, tls=tls, timeout=args.timeout) as client:
+        with DigitsClient(args.server, tls=tls, timeout=args.timeout, token=token) as client:
             reply = client.recognize_files(args.files)
     except grpc.RpcError as exc:
         print(f"digits predict: {exc.code().name}: {exc.details()}", file=sys.stderr)
@@ -104,12 +104,12 @@ def run_health(args: argparse.Namespace) -> int:
     from service.client import DigitsClient
 
     try:
-        tls = tls_from_args(args)
+        tls, token = tls_from_args(args), token_from_args(args)
     except ValueError as exc:
         print(f"digits health: {exc}", file=sys.stderr)
         return 2
     try:
-        with DigitsClient(args.server, tls=tls, timeout=args.timeout) as client:
+        with DigitsClient(args.server, tls=tls, timeout=args.timeout, token=token) as client:
             status = client.health(args.service)
     except grpc.RpcError as exc:
         print(f"{args.server}: {exc.code().name}: {exc.details()}", file=sys.stderr)

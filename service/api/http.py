@@ -18,11 +18,13 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Awaitable, Callable
+import ssl
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from aiohttp import BodyPartReader, web
+from aiohttp.typedefs import Middleware
 
 from service.api import v2_tensors
 from service.api.tracking import RequestTracker
@@ -65,8 +67,10 @@ class HttpApi:
     """The aiohttp application and its lifecycle; `ready` reports the server's state."""
 
     def __init__(self, recognizer: Recognizer, metrics: Metrics, ready: Callable[[], bool], *,
-                 max_message_bytes: int, reuse_port: bool = False) -> None:
+                 max_message_bytes: int, reuse_port: bool = False, middlewares: Sequence[Middleware] = ()) -> None:
+        """`middlewares` run before this adapter's own, outermost first (the server's authentication)."""
         self._recognizer = recognizer
+        self._outer = list(middlewares)
         self._metrics = metrics
         self._ready = ready
         self._max_bytes = max_message_bytes
@@ -80,7 +84,7 @@ class HttpApi:
 
     def application(self) -> web.Application:
         # client_max_size: request.read() refuses (413) past the limit instead of buffering it all.
-        app = web.Application(client_max_size=self._max_bytes, middlewares=[self._middleware])
+        app = web.Application(client_max_size=self._max_bytes, middlewares=[*self._outer, self._middleware])
         app.router.add_get("/", self._page)
         app.router.add_get("/v2", self._server_metadata)
         app.router.add_get("/v2/health/live", self._live)
@@ -92,13 +96,14 @@ class HttpApi:
         app.router.add_post("/v1/recognize", self._recognize_image)
         return app
 
-    async def start(self, host: str, port: int) -> int:
-        """Listen on host:port; returns the bound port. Raises OSError when it cannot bind."""
+    async def start(self, host: str, port: int, ssl_context: ssl.SSLContext | None = None) -> int:
+        """Listen on host:port (HTTPS with `ssl_context`); returns the bound port. Raises OSError when it
+        cannot bind."""
         # stop() waits out the grace period itself; shutdown_timeout only bounds what is left after it.
         runner = web.AppRunner(self.application(), access_log=None, handle_signals=False, shutdown_timeout=1.0)
         await runner.setup()
         # Like the gRPC port: shared by --workers N processes (SO_REUSEPORT), else a port in use is an error.
-        site = web.TCPSite(runner, host, port, reuse_port=self._reuse_port)
+        site = web.TCPSite(runner, host, port, reuse_port=self._reuse_port, ssl_context=ssl_context)
         try:
             await site.start()
         except OSError:

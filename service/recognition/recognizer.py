@@ -54,6 +54,8 @@ class RecognizerSettings(Protocol):
     def max_image_pixels(self) -> int: ...
     @property
     def low_confidence(self) -> float: ...
+    @property
+    def model_name(self) -> str | None: ...
 
 
 class RecognizeError(Exception):
@@ -213,7 +215,7 @@ class Recognizer:
             target = Path(path) if path is not None else self._model.path
             try:
                 new = await asyncio.to_thread(load_model, target, self._config.device, self._config.threads,
-                                              self._config.max_batch_size)
+                                              self._config.max_batch_size, name=self._config.model_name)
                 old = self._model
                 # Requests preprocessed for the old model (size, ink polarity) may run on the new one
                 # during the swap, so those must match as well as the labels.
