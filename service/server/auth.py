@@ -189,11 +189,15 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 def http_middleware(tokens: Tokens) -> Middleware:
     """An aiohttp middleware refusing every route but the page and v2 liveness/readiness without a token
-    (401, JSON like every other error, and `WWW-Authenticate: Bearer`, as RFC 6750 asks)."""
+    (401, JSON like every other error, and `WWW-Authenticate: Bearer`, as RFC 6750 asks). Paths that are
+    no route at all get their 404 (or 405) as without authentication."""
 
     @web.middleware
     async def authenticate(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if request.method in ("GET", "HEAD") and OPEN_HTTP_PATHS.fullmatch(request.path):
+        open_route = request.method in ("GET", "HEAD") and OPEN_HTTP_PATHS.fullmatch(request.path)
+        # No such route (404, 405): aiohttp's own answer, token or not. The routes are no secret, and a
+        # browser's /favicon.ico probe is not an authentication failure.
+        if open_route or request.match_info.http_exception is not None:
             return await handler(request)
         reason = tokens.check(request.headers.get("Authorization"))
         if reason is None:

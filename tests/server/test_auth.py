@@ -179,8 +179,18 @@ def test_v1_recognize_needs_an_accepted_token(server: ServerThread) -> None:
     assert status == 401
 
 
-def test_v2_rest_infer_and_metadata_need_a_token(server: ServerThread) -> None:
+@pytest.fixture(scope="module")
+def rest_client(server: ServerThread) -> Iterator[triton_http.InferenceServerClient]:
+    # Module-scoped and closed here, on the main thread: tritonclient.http's gevent pool must not be
+    # collected (and closed again) from another thread.
     client = triton_http.InferenceServerClient(f"127.0.0.1:{server.server.http_port}")
+    yield client
+    client.close()
+
+
+def test_v2_rest_infer_and_metadata_need_a_token(server: ServerThread,
+                                                 rest_client: triton_http.InferenceServerClient) -> None:
+    client = rest_client
     result = client.infer("lenet5", [v2_input(triton_http)], headers=bearer(GOOD))
     assert list(result.as_numpy("probabilities").argmax(axis=1)) == list(LABELS[:4])
     assert client.get_model_metadata("lenet5", headers=bearer(GOOD))["name"] == "lenet5"
@@ -188,9 +198,12 @@ def test_v2_rest_infer_and_metadata_need_a_token(server: ServerThread) -> None:
         with pytest.raises(InferenceServerException) as caught:
             client.infer("lenet5", [v2_input(triton_http)], headers=bearer(token))
         assert caught.value.status() == "401"
-        for path in ("/v2", "/v2/models/lenet5", "/v2/models/nonexistent/infer"):
-            assert rest(server, "GET", path, headers=bearer(token))[0] == 401, path
-    client.close()
+        for method, path in (("GET", "/v2"), ("GET", "/v2/models/lenet5"), ("POST", "/v2/models/unknown/infer"),
+                             ("GET", "/v2/models/lenet5/versions/1.0.0")):
+            assert rest(server, method, path, headers=bearer(token))[0] == 401, path
+        # Not a route at all: the same 404 / 405 as without authentication (a browser's favicon probe).
+        assert rest(server, "GET", "/favicon.ico", headers=bearer(token))[0] == 404
+        assert rest(server, "GET", "/v1/recognize", headers=bearer(token))[0] == 405
 
 
 def test_page_health_and_readiness_stay_open_over_rest(server: ServerThread) -> None:
