@@ -22,7 +22,7 @@ help:
 	@echo "make train    retrain the shipped model on ../shared/data/mnist-sample"
 	@echo "make proto    regenerate service/gen from proto/"
 	@echo "make bench    measure the server (docs/benchmarks.md + plot; BENCH_ARGS=--quick for a smoke run)"
-	@echo "make deploy-check  lint the Dockerfile, check the compose stack and render + validate deploy/k8s"
+	@echo "make deploy-check  lint the Dockerfile, check the compose stack, render + validate deploy/k8s and deploy/kserve"
 
 # The server's install: no torch. The stamp is redone when pyproject.toml changes.
 $(VENV)/.serve-installed: pyproject.toml constraints.txt
@@ -107,9 +107,10 @@ unit: $(VENV)/.dev-installed browser-deps prometheus-deps
 
 test: lint unit
 
-# Dockerfile, compose stack and Kubernetes manifests (docs/deploy.md); no Docker engine or cluster needed.
+# Dockerfile, compose stack, Kubernetes and KServe manifests (docs/deploy.md); no engine or cluster needed.
 deploy-check: $(VENV)/.dev-installed
-	$(BIN)/pytest -q tests/deploy/test_docker.py tests/deploy/test_compose.py tests/deploy/test_k8s.py
+	$(BIN)/pytest -q tests/deploy/test_docker.py tests/deploy/test_compose.py tests/deploy/test_k8s.py \
+	    tests/deploy/test_kserve.py
 
 DATA_DIR ?= ../shared/data/mnist-sample
 train: $(VENV)/.dev-installed
