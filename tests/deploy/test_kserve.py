@@ -249,3 +249,19 @@ def test_a_server_with_the_runtimes_settings_serves_kserves_layout(runtime: dict
     probabilities = next(o for o in answer["outputs"] if o["name"] == "probabilities")["data"]
     assert max(range(10), key=probabilities.__getitem__) == labels[0]
     assert refused.value.code == 401
+
+
+def test_the_grpc_variant_in_the_docs_validates_and_routes_the_grpc_port(runtime: dict[str, Any],
+                                                                         isvc: dict[str, Any]) -> None:
+    """docs/deploy.md's gRPC InferenceService (Serverless mode routes one port): valid, and it names the port
+    the runtime's server listens on for gRPC, under the name Knative needs."""
+    _, schema = crd_schema("InferenceService")
+    text = (ROOT / "docs" / "deploy.md").read_text()
+    blocks = [yaml.safe_load(b) for b in re.findall(r"```yaml\n(.*?)```", text, re.S) if "InferenceService" in b]
+    (grpc_isvc,) = blocks
+    assert not errors(grpc_isvc, schema), "\n".join(errors(grpc_isvc, schema))
+    model = grpc_isvc["spec"]["predictor"]["model"]
+    assert model["runtime"] == runtime["metadata"]["name"] and model["protocolVersion"] == "grpc-v2"
+    assert model["storageUri"] == isvc["spec"]["predictor"]["model"]["storageUri"]
+    (port,) = model["ports"]
+    assert port == {"name": "h2c", "containerPort": runtime_config(runtime, grpc_isvc).port, "protocol": "TCP"}
