@@ -5,16 +5,22 @@
 #   docker build -t digits:1.0.0 .                              # CPU server (the last stage: the default)
 #   docker build --target runtime-gpu -t digits:1.0.0-gpu .     # CUDA server (onnxruntime-gpu)
 #   docker build --target train -t digits-train:1.0.0 .         # training job (torch, CPU)
+#   deploy/image/build.sh build [--target train]                # the same with podman or docker, making the
+#                                                               # Python base itself where Docker Hub is out of reach
 #
 # The server is configured only through DIGITS_* environment variables (the fields of
 # service/server/config.py); docs/deploy.md has the run commands. tests/deploy/test_docker.py lints this file
-# with hadolint and replays the `build` stage's install steps in a fresh venv.
+# with hadolint and checks each stage's contract; tests/deploy/test_image.py builds the CPU server and the
+# training image with deploy/image/build.sh and runs them.
 
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 # onnxruntime-gpu 1.31 is built against CUDA 13 and cuDNN 9: the base must carry both.
 ARG CUDA_IMAGE=nvidia/cuda:13.0.1-cudnn-runtime-ubuntu24.04
 ARG ORT_GPU_VERSION=1.31.1
 ARG TORCH_VERSION=2.13.0
+# Where the CPU torch wheel comes from: PyTorch's own index, or a mirror of it (an index that also has torch's
+# dependencies). PyPI's torch for Linux is the multi-GB CUDA build.
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 
 # ---------------------------------------------------------------------------------------------------
 # build: the server and its runtime dependencies in a self-contained venv. No torch: `pip install .`
@@ -93,6 +99,7 @@ ENTRYPOINT ["digits", "serve"]
 # writes the exported model to the /models volume (mount one there).
 FROM ${PYTHON_IMAGE} AS train
 ARG TORCH_VERSION
+ARG TORCH_INDEX_URL
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore
 RUN python -m venv /opt/venv
 WORKDIR /src
@@ -100,8 +107,7 @@ COPY pyproject.toml README.md constraints.txt ./
 COPY service/ service/
 COPY training/ training/
 # The CPU wheel from PyTorch's own index: an unpinned torch from PyPI pulls a multi-GB CUDA build.
-RUN /opt/venv/bin/python -m pip install "torch==${TORCH_VERSION}" \
-        --index-url https://download.pytorch.org/whl/cpu \
+RUN /opt/venv/bin/python -m pip install "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX_URL}" \
     && /opt/venv/bin/python -m pip install --constraint constraints.txt ".[train]" \
     && groupadd --system --gid 10001 digits \
     && useradd --system --uid 10001 --gid digits --no-create-home --home-dir /nonexistent \

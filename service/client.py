@@ -5,10 +5,14 @@
         for p in client.recognize([open("seven.png", "rb").read()]).predictions:
             print(p.digit, p.confidence, p.accepted, p.rejection)
         print(client.read([open("zip-code.png", "rb").read()]).readings[0].text)
+
+A server with --auth-token-file wants a bearer token on every call: `DigitsClient(target, token=...)`
+(`read_token(path)` reads one from a token file); every call on the channel then carries it.
 """
 
 from __future__ import annotations
 
+import collections
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -137,20 +141,73 @@ def to_image(image: ImageLike) -> digits_pb2.Image:
     return digits_pb2.Image(raw=raw)
 
 
-def channel(target: str, tls: TlsOptions | None = None, max_message_bytes: int = 64 * 1024 * 1024) -> grpc.Channel:
-    """A blocking channel to `target` (host:port), plaintext or TLS."""
+def read_token(path: Path) -> str:
+    """The first token in a token file (one per line; blank lines and `#` comments skipped, as the server
+    reads them). Raises ValueError naming the file, never the token."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"cannot read token file {path}: {getattr(exc, 'strerror', None) or exc}") from exc
+    token = next((s for line in lines if (s := line.strip()) and not s.startswith("#")), None)
+    if token is None:
+        raise ValueError(f"token file {path} holds no token")
+    return token
+
+
+def bearer_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
+    """gRPC call metadata that carries `token` (empty without one)."""
+    return (("authorization", f"Bearer {token}"),) if token else ()
+
+
+class _CallDetails(collections.namedtuple(
+        "_CallDetails", ("method", "timeout", "metadata", "credentials", "wait_for_ready", "compression")),
+        grpc.ClientCallDetails):
+    pass
+
+
+class BearerToken(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
+                  grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
+    """Adds `authorization: Bearer <token>` to every call on a channel (`grpc.intercept_channel`).
+
+    Plain metadata rather than call credentials: gRPC sends call credentials only over TLS, and a token
+    on a plaintext channel (inside a cluster, behind a TLS-terminating ingress) is a supported setup.
+    """
+
+    def __init__(self, token: str) -> None:
+        self._metadata = bearer_metadata(token)
+
+    def _details(self, details: grpc.ClientCallDetails) -> grpc.ClientCallDetails:
+        metadata = [*(details.metadata or ()), *self._metadata]
+        return _CallDetails(details.method, details.timeout, metadata, details.credentials,
+                            getattr(details, "wait_for_ready", None), getattr(details, "compression", None))
+
+    def _call(self, continuation: Callable[..., Any], details: grpc.ClientCallDetails, request: Any) -> Any:
+        return continuation(self._details(details), request)
+
+    intercept_unary_unary = _call
+    intercept_unary_stream = _call
+    intercept_stream_unary = _call
+    intercept_stream_stream = _call
+
+
+def channel(target: str, tls: TlsOptions | None = None, max_message_bytes: int = 64 * 1024 * 1024,
+            token: str | None = None) -> grpc.Channel:
+    """A blocking channel to `target` (host:port), plaintext or TLS, sending `token` on every call."""
     options: list[tuple[str, object]] = [("grpc.max_receive_message_length", max_message_bytes),
                                          ("grpc.max_send_message_length", max_message_bytes)]
     if tls is None:
-        return grpc.insecure_channel(target, options=options)
-    return grpc.secure_channel(target, tls.credentials(), options=options + list(tls.options()))
+        ch = grpc.insecure_channel(target, options=options)
+    else:
+        ch = grpc.secure_channel(target, tls.credentials(), options=options + list(tls.options()))
+    return grpc.intercept_channel(ch, BearerToken(token)) if token else ch
 
 
 class DigitsClient:
-    """Blocking client; use as a context manager or call `close()`."""
+    """Blocking client; use as a context manager or call `close()`. `token`: for --auth-token-file servers."""
 
-    def __init__(self, target: str, tls: TlsOptions | None = None, timeout: float = 30.0) -> None:
-        self._channel = channel(target, tls)
+    def __init__(self, target: str, tls: TlsOptions | None = None, timeout: float = 30.0,
+                 token: str | None = None) -> None:
+        self._channel = channel(target, tls, token=token)
         self._stub = digits_pb2_grpc.DigitRecognizerStub(self._channel)
         self._timeout = timeout
 

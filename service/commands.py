@@ -10,7 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from service.client_flags import add_tls_client_flags, tls_from_args
+from service.client_flags import add_tls_client_flags, tls_from_args, token_from_args
 from service.server import config as config_module
 
 Subparsers = Any  # argparse's _SubParsersAction is private
@@ -113,11 +113,11 @@ def _run_files(command: str, args: argparse.Namespace, call: Callable[[Any, list
         print(f"digits {command}: --batch and --in-flight must be >= 1", file=sys.stderr)
         return 2
     try:
-        tls = tls_from_args(args)
+        tls, token = tls_from_args(args), token_from_args(args)
     except ValueError as exc:
         print(f"digits {command}: {exc}", file=sys.stderr)
         return 2
-    with DigitsClient(args.server, tls=tls, timeout=args.timeout) as client:
+    with DigitsClient(args.server, tls=tls, timeout=args.timeout, token=token) as client:
         outcomes, model = call(client, read_files(args.files))
     name, _, version = model.partition(" ")
     rows: list[dict[str, Any]] = []
@@ -152,12 +152,12 @@ def run_health(args: argparse.Namespace) -> int:
     from service.client import DigitsClient
 
     try:
-        tls = tls_from_args(args)
+        tls, token = tls_from_args(args), token_from_args(args)
     except ValueError as exc:
         print(f"digits health: {exc}", file=sys.stderr)
         return 2
     try:
-        with DigitsClient(args.server, tls=tls, timeout=args.timeout) as client:
+        with DigitsClient(args.server, tls=tls, timeout=args.timeout, token=token) as client:
             status = client.health(args.service)
     except grpc.RpcError as exc:
         print(f"{args.server}: {exc.code().name}: {exc.details()}", file=sys.stderr)

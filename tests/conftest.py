@@ -88,3 +88,23 @@ def exported_model(short_run: Any, tmp_path_factory: pytest.TempPathFactory) -> 
 
 
 # --- end of training fixtures ---
+
+
+# --- figures measured by the tests, printed at the end of the run -----------------------------------
+
+MEASURED = pytest.StashKey[list[str]]()
+
+
+@pytest.fixture(scope="session")
+def measured(request: pytest.FixtureRequest) -> Any:
+    """`measured("image: 420 MB")`: a line for the end-of-run summary (image sizes, build and drain times)."""
+    lines = request.config.stash.setdefault(MEASURED, [])
+    return lines.append
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    lines = terminalreporter.config.stash.get(MEASURED, [])
+    if lines:
+        terminalreporter.write_sep("-", "measured")
+        for line in lines:
+            terminalreporter.write_line(line)

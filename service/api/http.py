@@ -19,11 +19,13 @@ import asyncio
 import itertools
 import json
 import logging
-from collections.abc import Awaitable, Callable
+import ssl
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from aiohttp import BodyPartReader, web
+from aiohttp.typedefs import Middleware
 
 from service.api import listener, v2_tensors
 from service.api.tracking import RequestTracker, clip
@@ -79,8 +81,11 @@ class HttpApi:
 
     def __init__(self, recognizer: Recognizer, metrics: Metrics, ready: Callable[[], bool], *,
                  max_message_bytes: int, reuse_port: bool = False, max_connections: int = 256,
-                 idle_timeout_s: float = 10.0, body_timeout_s: float = 30.0) -> None:
+                 idle_timeout_s: float = 10.0, body_timeout_s: float = 30.0,
+                 middlewares: Sequence[Middleware] = ()) -> None:
+        """`middlewares` run before this adapter's own, outermost first (the server's authentication)."""
         self._recognizer = recognizer
+        self._outer = list(middlewares)
         self._metrics = metrics
         self._ready = ready
         self._max_bytes = max_message_bytes
@@ -99,7 +104,7 @@ class HttpApi:
 
     def application(self) -> web.Application:
         # client_max_size: request.read() refuses (413) past the limit instead of buffering it all.
-        app = web.Application(client_max_size=self._max_bytes, middlewares=[self._middleware])
+        app = web.Application(client_max_size=self._max_bytes, middlewares=[*self._outer, self._middleware])
         app.router.add_get("/", self._page)
         app.router.add_get("/v2", self._server_metadata)
         app.router.add_get("/v2/health/live", self._live)
@@ -111,15 +116,17 @@ class HttpApi:
         app.router.add_post("/v1/recognize", self._recognize_image)
         return app
 
-    async def start(self, host: str, port: int) -> int:
-        """Listen on host:port; returns the bound port. Raises OSError when it cannot bind."""
+    async def start(self, host: str, port: int, ssl_context: ssl.SSLContext | None = None) -> int:
+        """Listen on host:port (HTTPS with `ssl_context`); returns the bound port. Raises OSError when it
+        cannot bind."""
         runner = listener.runner(self.application(), self._idle_timeout)
         await runner.setup()
         try:
             # Like the gRPC port: shared by --workers N processes (SO_REUSEPORT), else a port in use is
             # an error.
             self._server = await listener.listen(runner, host, port, max_connections=self._max_connections,
-                                                 reuse_port=self._reuse_port)
+                                                 ssl_context=ssl_context, reuse_port=self._reuse_port,
+                                                 handshake_timeout_s=self._idle_timeout)
         except OSError:
             await runner.cleanup()
             raise

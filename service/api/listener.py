@@ -44,7 +44,8 @@ def runner(app: web.Application, idle_timeout_s: float) -> web.AppRunner:
 
 
 async def listen(app_runner: web.AppRunner, host: str, port: int, *, max_connections: int,
-                 ssl_context: ssl.SSLContext | None = None, reuse_port: bool = False) -> asyncio.Server:
+                 ssl_context: ssl.SSLContext | None = None, reuse_port: bool = False,
+                 handshake_timeout_s: float = 10.0) -> asyncio.Server:
     """Listen on host:port for `app_runner` (already set up); returns the asyncio server (close it to
     stop listening). Raises OSError when it cannot bind."""
     handlers = app_runner.server
@@ -56,8 +57,11 @@ async def listen(app_runner: web.AppRunner, host: str, port: int, *, max_connect
         return handlers()
 
     loop = asyncio.get_running_loop()
+    # A TLS client that connects and never finishes its handshake is dropped after the same time as one
+    # that never finishes its request head (the handshake runs on the loop, never blocking it).
     return await loop.create_server(protocol, host, port, ssl=ssl_context, reuse_address=True,
-                                    reuse_port=reuse_port or None, backlog=128)
+                                    reuse_port=reuse_port or None, backlog=128,
+                                    ssl_handshake_timeout=handshake_timeout_s if ssl_context else None)
 
 
 def bound_port(server: asyncio.Server) -> int:

@@ -39,7 +39,7 @@ class MetricsEndpoint:
         await runner.setup()
         try:
             self._server = await listener.listen(runner, host, port, max_connections=self._max_connections,
-                                                 ssl_context=ssl_context)
+                                                 ssl_context=ssl_context, handshake_timeout_s=self._idle_timeout)
         except OSError:
             await runner.cleanup()
             raise

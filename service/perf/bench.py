@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from service.client import bearer_metadata, read_token
 from service.perf.benchprocs import ECHO_METHOD, EchoServer, ServerProcess
 from service.perf.loadsource import ImageSet, PreparedRequest, load_images, prepare_requests
 from service.perf.loadstats import LoadStats, Summary, percentile
@@ -49,6 +50,8 @@ class BenchOptions:
     threads: int = 0  # 0: as the server does (service.recognition.model.default_threads)
     quick: bool = False
     workers: tuple[int, ...] = (1, 2)
+    # Serve with --auth-token-file and send its first token: the cost of authentication, measured.
+    token_file: Path | None = None
 
     @property
     def rounds(self) -> int:
@@ -160,9 +163,12 @@ class _Tally:
 
 
 def measure_once(target: str, requests: Sequence[PreparedRequest], concurrency: int, opts: BenchOptions,
-                 tally: _Tally, cpu: Any = None, method: str | None = None, parse: Any = None) -> Summary:
+                 tally: _Tally, cpu: Any = None, method: str | None = None, parse: Any = None,
+                 metadata: Sequence[tuple[str, str]] = ()) -> Summary:
     """Warm up, then measure one closed-loop load point once, adding it to `tally`."""
-    extra: dict[str, Any] = {} if method is None else {"method": method, "parse": parse}
+    extra: dict[str, Any] = {"metadata": metadata}
+    if method is not None:
+        extra.update(method=method, parse=parse)
     # 8 connections where there is the concurrency for them: SO_REUSEPORT spreads connections, so with
     # --workers 2 that leaves a 1-in-128 chance, not 1-in-8, that one worker gets them all.
     connections = min(concurrency, 8)
@@ -231,11 +237,15 @@ def run_bench(opts: BenchOptions, log: Any = print) -> BenchResults:
     # The same one-image request bytes as the server gets; the echo's reply is checked for 0 images.
     probe = PreparedRequest(requests["raw", 1][0].data, np.empty(0, dtype=np.int64), 0)
     plan = server_plan(opts, threads)
+    auth_flags, metadata = [], bearer_metadata(None)
+    if opts.token_file is not None:
+        auth_flags, metadata = ["--auth-token-file", str(opts.token_file)], bearer_metadata(read_token(opts.token_file))
+        results.notes.append("every server ran with --auth-token-file and every call carried a bearer token")
     tallies: dict[tuple[str, str, int, int], _Tally] = {}
     echo_tally = _Tally()
     with contextlib.ExitStack() as stack:
         echo = stack.enter_context(EchoServer())
-        servers = {name: stack.enter_context(ServerProcess(model, count, extra))
+        servers = {name: stack.enter_context(ServerProcess(model, count, [*extra, *auth_flags]))
                    for name, model, extra, count, _ in plan}
         points = {name: pts for name, *_, pts in plan}
         for round_ in range(opts.rounds):
@@ -250,7 +260,7 @@ def run_bench(opts: BenchOptions, log: Any = print) -> BenchResults:
                     for name in (names if round_ % 2 == 0 else names[::-1]):
                         tally = tallies.setdefault((name, encoding, concurrency, batch), _Tally())
                         summary = measure_once(servers[name].target, requests[encoding, batch], concurrency,
-                                               opts, tally, servers[name].cpu_s)
+                                               opts, tally, servers[name].cpu_s, metadata=metadata)
                         log(f"  {name:14s} {encoding:3s} c{concurrency:<3d} x{batch:<3d} "
                             f"{summary.images_per_s:10,.0f} img/s  p50 {summary.latency_s['p50'] * 1e3:7.2f} ms  "
                             f"p99 {summary.latency_s['p99'] * 1e3:7.2f} ms  errors {summary.error_count}")

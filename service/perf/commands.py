@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from service.client_flags import add_tls_client_flags, tls_from_args
+from service.client_flags import add_tls_client_flags, tls_from_args, token_from_args
 
 DEFAULT_DURATION_S = 10.0
 REQUESTS_CAP_S = 300.0
@@ -58,6 +58,7 @@ def register_loadtest(subparsers: Any) -> None:
 
 def run_loadtest(args: argparse.Namespace) -> int:
     """Run `digits loadtest`; exit 0 when at least one request succeeded."""
+    from service.client import bearer_metadata
     from service.perf.loadsource import load_images, prepare_requests, prepare_v2_requests
     from service.perf.loadtest import PROTOCOLS, LoadSpec, run_load
 
@@ -72,6 +73,7 @@ def run_loadtest(args: argparse.Namespace) -> int:
             prepared = prepare_v2_requests(images, args.batch, args.model_name)
         else:
             prepared = prepare_requests(images, args.batch, args.encoding)
+        token = token_from_args(args)
     except (ValueError, OSError) as exc:  # SourceError and IdxError are ValueErrors
         print(f"digits loadtest: {exc}", file=sys.stderr)
         return 2
@@ -83,7 +85,7 @@ def run_loadtest(args: argparse.Namespace) -> int:
     try:
         summary = run_load(spec, prepared, method=method, parse=parse,
                            credentials=tls.credentials() if tls else None, channel_options=tls.options() if tls else (),
-                           progress=None if args.quiet else sys.stderr)
+                           progress=None if args.quiet else sys.stderr, metadata=bearer_metadata(token))
     except KeyboardInterrupt:
         return 130
     except ConnectionError as exc:
@@ -122,6 +124,9 @@ def register_bench(subparsers: Any) -> None:
                         help="Markdown file to write (default docs/benchmarks.md; with --quick "
                              "runs/bench-quick/benchmarks.md)")
     parser.add_argument("--plot", type=Path, default=None, help="PNG plot (default: benchmarks.png beside --out)")
+    parser.add_argument("--token-file", type=Path, default=None, metavar="FILE",
+                        help="run every server with --auth-token-file FILE and send its first token on every "
+                             "call: measures the cost of authentication")
     parser.set_defaults(func=run_bench)
 
 
@@ -138,8 +143,14 @@ def run_bench(args: argparse.Namespace) -> int:
     if not args.model.is_file():
         print(f"digits bench: model not found: {args.model}", file=sys.stderr)
         return 2
+    try:
+        token_from_args(args)  # the file must hold a token: fail here, not after the ceiling runs
+    except ValueError as exc:
+        print(f"digits bench: {exc}", file=sys.stderr)
+        return 2
     options = BenchOptions(model=args.model, int8_model=args.int8_model, images=images, threads=args.threads,
-                           quick=args.quick, workers=(1, args.workers) if args.workers > 1 else (1,))
+                           quick=args.quick, workers=(1, args.workers) if args.workers > 1 else (1,),
+                           token_file=args.token_file)
     try:
         results = measure(options, log=lambda line: print(line, file=sys.stderr, flush=True))
     except (RuntimeError, ValueError, OSError) as exc:

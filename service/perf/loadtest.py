@@ -102,7 +102,7 @@ class LoadGenerator:
     def __init__(self, spec: LoadSpec, requests: Sequence[PreparedRequest], *, method: str = RECOGNIZE,
                  parse: Parse = parse_recognize, credentials: grpc.ChannelCredentials | None = None,
                  channel_options: Sequence[tuple[str, Any]] = (), progress: TextIO | None = None,
-                 progress_interval_s: float = 1.0) -> None:
+                 progress_interval_s: float = 1.0, metadata: Sequence[tuple[str, str]] = ()) -> None:
         if not requests:
             raise ValueError("no requests to send")
         self.spec = spec
@@ -111,6 +111,7 @@ class LoadGenerator:
         self._parse = parse
         self._credentials = credentials
         self._options = list(channel_options)
+        self._metadata = tuple(metadata) or None  # e.g. the bearer token (service.client.bearer_metadata)
         self._progress = progress
         self._progress_interval = progress_interval_s
         self.stats = LoadStats()
@@ -179,7 +180,7 @@ class LoadGenerator:
 
     async def _send(self, call: Any, request: PreparedRequest, scheduled: float) -> None:
         try:
-            reply = await call(request.data, timeout=self.spec.timeout_s)
+            reply = await call(request.data, timeout=self.spec.timeout_s, metadata=self._metadata)
         except grpc.aio.AioRpcError as exc:
             if scheduled >= self._measure_from:
                 self.stats.record_error(exc.code().name)

@@ -126,10 +126,12 @@ def file_sha256(path: Path) -> str:
 
 
 def load_model(path: Path, device: str = "auto", threads: int = 0, warmup_batch: int = 64,
-               available: Sequence[str] | None = None) -> LoadedModel:
+               available: Sequence[str] | None = None, *, name: str | None = None) -> LoadedModel:
     """Load and validate `path`, create the session and warm it up.
 
-    `available` overrides onnxruntime's provider list (tests fake a CUDA machine with it).
+    `available` overrides onnxruntime's provider list (tests fake a CUDA machine with it). `name`, when
+    given, is the name to serve the model as instead of the one in its metadata (KServe routes by the
+    InferenceService's name).
     Raises ModelLoadError with a message naming the file and the problem.
     """
     started = time.perf_counter()
@@ -158,6 +160,8 @@ def load_model(path: Path, device: str = "auto", threads: int = 0, warmup_batch:
         metadata = ModelMetadata.from_props(session.get_modelmeta().custom_metadata_map)
     except MetadataError as exc:
         raise ModelLoadError(f"model {path} is not servable: {exc}") from exc
+    if name:
+        metadata = dataclasses.replace(metadata, name=name)
     output_names = _check_signature(session, metadata, path)
     in_use = tuple(session.get_providers())
     if device == "cuda" and CUDA not in in_use:

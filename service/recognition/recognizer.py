@@ -90,6 +90,8 @@ class RecognizerSettings(Protocol):
     def reject_not_a_digit_below(self) -> float | None: ...
     @property
     def reject_uncertain_below(self) -> float | None: ...
+    @property
+    def model_name(self) -> str | None: ...
 
 
 class RecognizeError(Exception):
@@ -340,7 +342,7 @@ class Recognizer:
             target = Path(path) if path is not None else self._model.path
             try:
                 new = await asyncio.to_thread(load_model, target, self._config.device, self._config.threads,
-                                              self._config.max_batch_size)
+                                              self._config.max_batch_size, name=self._config.model_name)
                 old = self._model
                 # Requests preprocessed for the old model (size, ink polarity) may run on the new one
                 # during the swap, so those must match as well as the labels.

@@ -1,8 +1,9 @@
-"""Wiring: model + recognizer + gRPC services + health + reflection + metrics + signals.
+"""Wiring: model + recognizer + gRPC services + health + reflection + metrics + TLS + tokens + signals.
 
-Start-up order: load and warm the model, start the batcher, bind the ports, then report SERVING.
-Shutdown (SIGTERM/SIGINT): health turns NOT_SERVING, the gRPC server stops taking new calls and
-gives in-flight ones `grace_period_s` to finish, then the batcher drains and the process exits 0.
+Start-up order: read the token file, load and warm the model, start the batcher, bind the ports, then
+report SERVING. Shutdown (SIGTERM/SIGINT): health turns NOT_SERVING, the gRPC server stops taking new
+calls and gives in-flight ones `grace_period_s` to finish, then the batcher drains and the process exits 0.
+SIGHUP reloads the model and the token file.
 """
 
 from __future__ import annotations
@@ -11,9 +12,7 @@ import asyncio
 import contextlib
 import logging
 import signal
-import ssl
 import time
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -27,10 +26,11 @@ from service.gen.digits.v1 import digits_pb2
 from service.recognition.model import ModelLoadError, load_model
 from service.recognition.model_metadata import Rejection
 from service.recognition.recognizer import Recognizer
+from service.server import auth, tls
 from service.server.config import ServerConfig
 from service.server.looplag import LoopLagMonitor
 from service.server.summary import SummaryLogger
-from service.server.watcher import ModelFileWatcher
+from service.server.watcher import ModelFileWatcher, model_file
 from service.telemetry.logs import fields
 from service.telemetry.metrics import Metrics
 
@@ -58,6 +58,8 @@ class DigitsServer:
         self.recognizer: Recognizer | None = None
         self._summary: SummaryLogger | None = None
         self._watcher: ModelFileWatcher | None = None
+        self._tokens: auth.Tokens | None = None  # --auth-token-file
+        self._token_watcher: ModelFileWatcher | None = None
         self._reloads: set[asyncio.Task[None]] = set()  # SIGHUP reloads in progress (keep a reference)
         self.port = 0
         self.metrics_port = 0
@@ -70,16 +72,24 @@ class DigitsServer:
         """Load the model, bind ports and report SERVING; raises StartupError on failure."""
         cfg = self.config
         try:
-            model = await asyncio.to_thread(load_model, cfg.model, cfg.device, cfg.threads, cfg.max_batch_size,
-                                            self._available)
+            # Before the model: a bad token file or TLS file fails in milliseconds, not after a warm-up.
+            self._tokens = auth.Tokens(cfg.auth_token_file, self.metrics) if cfg.auth_token_file else None
+            http_tls = tls.server_context(cfg) if cfg.tls_cert is not None else None
+            path = model_file(cfg.model)
+        except (auth.TokenFileError, tls.TlsFilesError, ValueError) as exc:
+            raise StartupError(str(exc)) from exc
+        try:
+            model = await asyncio.to_thread(load_model, path, cfg.device, cfg.threads, cfg.max_batch_size,
+                                            self._available, name=cfg.model_name)
         except ModelLoadError as exc:
             raise StartupError(str(exc)) from exc
         except Exception as exc:  # a graph that loads but fails to run (onnxruntime's own error types)
-            raise StartupError(f"cannot load model {cfg.model}: {type(exc).__name__}: "
+            raise StartupError(f"cannot load model {path}: {type(exc).__name__}: "
                                f"{(str(exc).strip().splitlines() or [''])[0][:300]}") from exc
         self.recognizer = Recognizer(model, cfg, self.metrics)
         self.recognizer.start()
-        server = grpc.aio.server(options=self._grpc_options())
+        interceptors = [auth.BearerTokenInterceptor(self._tokens)] if self._tokens else []
+        server = grpc.aio.server(options=self._grpc_options(), interceptors=interceptors)
         digits_grpc.add_to_server(digits_grpc.DigitRecognizerServicer(self.recognizer, self.metrics), server,
                                   self.metrics)
         v2_grpc.add_to_server(v2_grpc.InferenceServicer(self.recognizer, self.metrics, lambda: self.ready), server,
@@ -103,7 +113,8 @@ class DigitsServer:
             self._metrics_http = MetricsEndpoint(self.metrics.registry, cfg.max_http_connections,
                                                  cfg.http_idle_timeout_s)
             try:
-                self.metrics_port = await self._metrics_http.start(cfg.host, cfg.metrics_port)
+                self.metrics_port = await self._metrics_http.start(
+                    cfg.host, cfg.metrics_port, tls.server_context(cfg) if cfg.metrics_tls else None)
             except OSError as exc:
                 self._metrics_http = None
                 await self.stop(grace=0)
@@ -113,9 +124,10 @@ class DigitsServer:
                                           max_message_bytes=cfg.max_message_bytes,
                                           reuse_port=cfg.workers > 1, max_connections=cfg.max_http_connections,
                                           idle_timeout_s=cfg.http_idle_timeout_s,
-                                          body_timeout_s=cfg.http_body_timeout_s)
+                                          body_timeout_s=cfg.http_body_timeout_s,
+                                          middlewares=[auth.http_middleware(self._tokens)] if self._tokens else [])
             try:
-                self.http_port = await self._http.start(cfg.host, cfg.http_port)
+                self.http_port = await self._http.start(cfg.host, cfg.http_port, ssl_context=http_tls)
             except OSError as exc:
                 self._http = None
                 await self.stop(grace=0)
@@ -130,20 +142,24 @@ class DigitsServer:
             max_batch_size=cfg.max_batch_size, max_batch_delay_ms=cfg.max_batch_delay_ms,
             max_queue=cfg.max_queue, grpc=f"{cfg.host}:{self.port}", tls=cfg.tls_cert is not None,
             metrics_port=self.metrics_port or None, load_seconds=round(model.load_seconds, 3),
-            http_port=self.http_port or None,
+            http_port=self.http_port or None, mtls=cfg.tls_client_ca is not None,
+            metrics_tls=cfg.metrics_tls and bool(self.metrics_port),
+            auth_tokens=len(self._tokens) if self._tokens else None,
             rejection=_describe_rule(self.recognizer.rule(model)), summary_interval_s=cfg.summary_interval_s))
         if model.metadata.rejection is None:
             log.warning("model %s %s carries no rejection thresholds: every image with ink is accepted "
                         "(retrain and export it to get not_a_digit and uncertain)", model.name, model.version)
-        if cfg.tls_cert is not None and self.http_port:
-            log.warning("--http-port serves plain HTTP: --tls-cert covers the gRPC port only; bind HTTP to a "
-                        "private address or put a TLS-terminating proxy in front", extra=fields(
-                            http_port=self.http_port))
         self._summary = SummaryLogger(self.metrics, cfg.summary_interval_s)
         self._summary.start()
         if cfg.watch:
-            self._watcher = ModelFileWatcher(cfg.model, lambda: self._reload(cfg.model), cfg.watch_interval_s)
+            self._watcher = ModelFileWatcher(cfg.model, self._reload, cfg.watch_interval_s, resolve=model_file)
             self._watcher.start()
+        if self._tokens is not None:
+            # Always watched, --watch or not: rotating a token must not need a signal or a restart.
+            tokens = self._tokens
+            self._token_watcher = ModelFileWatcher(tokens.path, lambda: asyncio.to_thread(tokens.reload),
+                                                   cfg.watch_interval_s, what="token file")
+            self._token_watcher.start()
 
     @property
     def ready(self) -> bool:
@@ -162,18 +178,12 @@ class DigitsServer:
         ]
 
     def _bind(self, server: grpc.aio.Server, address: str) -> int:
-        cfg = self.config
-        if cfg.tls_cert is None or cfg.tls_key is None:
+        if self.config.tls_cert is None:
             return server.add_insecure_port(address)
         try:
-            chain = cfg.tls_cert.read_bytes()
-            key = cfg.tls_key.read_bytes()
-            client_ca = cfg.tls_client_ca.read_bytes() if cfg.tls_client_ca else None
-        except OSError as exc:
-            raise StartupError(f"cannot read TLS files: {exc}") from exc
-        _check_tls_files(cfg)
-        credentials = grpc.ssl_server_credentials(
-            [(key, chain)], root_certificates=client_ca, require_client_auth=client_ca is not None)
+            credentials = tls.grpc_credentials(self.config)
+        except tls.TlsFilesError as exc:
+            raise StartupError(str(exc)) from exc
         return server.add_secure_port(address, credentials)
 
     async def stop(self, grace: float | None = None) -> None:
@@ -181,9 +191,10 @@ class DigitsServer:
         grace = self.config.grace_period_s if grace is None else grace
         started = time.monotonic()
         self._ready = False
-        if self._watcher is not None:
-            await self._watcher.stop()
-            self._watcher = None
+        for watcher in (self._watcher, self._token_watcher):
+            if watcher is not None:
+                await watcher.stop()
+        self._watcher = self._token_watcher = None
         await self._health.enter_graceful_shutdown()
         if self.recognizer is not None:
             # From here every new call is refused (UNAVAILABLE, HTTP 503), also one that reaches a handler
@@ -204,7 +215,7 @@ class DigitsServer:
         log.info("stopped", extra=fields(drain_seconds=round(time.monotonic() - started, 3)))
 
     async def run_until_signalled(self) -> None:
-        """Serve until SIGTERM or SIGINT, then stop gracefully; SIGHUP reloads the model."""
+        """Serve until SIGTERM or SIGINT, then stop gracefully; SIGHUP reloads the model and the tokens."""
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -215,34 +226,26 @@ class DigitsServer:
         await self.stop()
 
     def _reload_in_background(self) -> None:
-        log.info("SIGHUP received; reloading the model")
+        log.info("SIGHUP received; reloading the model" + (" and the token file" if self._tokens else ""))
+        if self._tokens is not None:
+            self._tokens.reload()  # a few lines of text: at once, before the model's seconds
         task = asyncio.get_running_loop().create_task(self._reload(), name="reload")
         self._reloads.add(task)
         task.add_done_callback(self._reloads.discard)
 
-    async def _reload(self, path: Path | None = None) -> None:
+    async def _reload(self) -> None:
+        """Reload the model `--model` names now (a directory may hold another file than at start-up)."""
         if self.recognizer is None:
+            return
+        try:
+            path = model_file(self.config.model)
+        except ValueError as exc:
+            self.metrics.model_reloads.labels(result="failed").inc()
+            log.error("model reload refused, still serving %s %s: %s", self.recognizer.model.name,
+                      self.recognizer.model.version, exc)
             return
         with contextlib.suppress(ModelLoadError):  # logged by the recognizer; the old model keeps serving
             await self.recognizer.reload(path)
-
-
-def _check_tls_files(cfg: ServerConfig) -> None:
-    """Refuse unusable TLS files with a message naming them: gRPC itself only says "Failed to bind"."""
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    try:
-        # The password callback makes an encrypted key fail here instead of prompting on the terminal;
-        # gRPC cannot use encrypted keys either.
-        context.load_cert_chain(str(cfg.tls_cert), str(cfg.tls_key), password=lambda: b"")
-    except (ssl.SSLError, ValueError) as exc:
-        raise StartupError(
-            f"--tls-cert {cfg.tls_cert} and --tls-key {cfg.tls_key} are not a PEM certificate chain and its "
-            f"matching unencrypted private key ({exc})") from exc
-    if cfg.tls_client_ca is not None:
-        try:
-            context.load_verify_locations(cafile=str(cfg.tls_client_ca))
-        except (ssl.SSLError, ValueError) as exc:
-            raise StartupError(f"--tls-client-ca {cfg.tls_client_ca} holds no PEM CA certificate ({exc})") from exc
 
 
 async def serve(config: ServerConfig) -> int:

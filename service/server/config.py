@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +18,9 @@ from typing import Any, get_type_hints
 
 ENV_PREFIX = "DIGITS_"
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "lenet5.onnx"
+# A model name is a path segment of the v2 REST routes (/v2/models/{name}/infer) and a label value: no
+# slashes, spaces or percent signs. KServe's InferenceService names (DNS-1035 labels) all qualify.
+MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,252}")
 
 
 def _setting(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
@@ -27,7 +31,10 @@ def _setting(default: Any, help: str, choices: tuple[str, ...] | None = None) ->
 class ServerConfig:
     """Everything `digits serve` can be told. Immutable once the server starts."""
 
-    model: Path = _setting(DEFAULT_MODEL, "ONNX model to serve (exported by `digits export`)")
+    model: Path = _setting(DEFAULT_MODEL, "ONNX model to serve (exported by `digits export`), or a directory "
+                                          "holding exactly one .onnx file (KServe's /mnt/models)")
+    model_name: str | None = _setting(None, "name to serve the model as (v2 model_name, replies, metrics); "
+                                            "default: the name in the model's metadata")
     host: str = _setting("127.0.0.1", "address to bind the gRPC (and HTTP) ports on; 0.0.0.0 in containers")
     port: int = _setting(50051, "gRPC port (DigitRecognizer, Open Inference Protocol, health, reflection); "
                                 "0 picks a free one")
@@ -66,10 +73,18 @@ class ServerConfig:
     workers: int = _setting(1, "server processes sharing the port (SO_REUSEPORT); worker i serves /metrics on "
                                   "metrics-port + i")
     watch: bool = _setting(False, "reload the model when its file changes (SIGHUP always reloads)")
-    watch_interval_s: float = _setting(1.0, "how often --watch checks the model file (size, mtime, inode)")
-    tls_cert: Path | None = _setting(None, "PEM certificate chain for TLS on the gRPC port")
+    watch_interval_s: float = _setting(1.0, "how often --watch checks the model file, and the token file is checked "
+                                               "(size, mtime, inode)")
+    tls_cert: Path | None = _setting(None, "PEM certificate chain for TLS on the gRPC and HTTP ports (plaintext "
+                                           "is then refused there)")
     tls_key: Path | None = _setting(None, "PEM private key for --tls-cert")
     tls_client_ca: Path | None = _setting(None, "PEM CA bundle: require client certificates signed by it (mutual TLS)")
+    metrics_tls: bool = _setting(False, "serve /metrics with --tls-cert (and --tls-client-ca) too; without it the "
+                                        "metrics port stays plain HTTP for in-cluster scrapers")
+    auth_token_file: Path | None = _setting(None, "file of accepted bearer tokens, one per line: inference and "
+                                                  "metadata calls must then send `authorization: Bearer <token>` "
+                                                  "(health, readiness and metrics stay open); re-read on SIGHUP "
+                                                  "and on change")
     log_format: str = _setting("text", "log format", ("text", "json"))
     log_level: str = _setting("info", "log level", ("debug", "info", "warning", "error"))
     summary_interval_s: float = _setting(60.0, "seconds between summary log lines (requests, errors, batching); "
@@ -103,6 +118,11 @@ class ServerConfig:
             problems.append("tls-cert and tls-key must be given together")
         if self.tls_client_ca is not None and self.tls_cert is None:
             problems.append("tls-client-ca needs tls-cert and tls-key")
+        if self.metrics_tls and self.tls_cert is None:
+            problems.append("metrics-tls needs tls-cert and tls-key")
+        if self.model_name is not None and not MODEL_NAME.fullmatch(self.model_name):
+            problems.append(f"model-name {self.model_name!r} must be letters, digits, '_', '.' or '-' (not first), "
+                            "at most 253 characters")
         for name in ("port", "metrics_port", "http_port"):
             if not 0 <= getattr(self, name) <= 65535:
                 problems.append(f"{name.replace('_', '-')} must be 0..65535")

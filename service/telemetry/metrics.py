@@ -101,6 +101,16 @@ class Metrics:
             registry=r)
         self.model_reloads = Counter(
             "digits_model_reloads", "Model reload attempts, by result.", ["result"], registry=r)
+        # --auth-token-file (service/server/auth.py): refusals by protocol (grpc, http) and reason (missing,
+        # malformed, wrong); never anything of the token itself.
+        self.auth_refusals = Counter(
+            "digits_auth_refusals", "Calls refused for want of an accepted bearer token, by protocol and reason.",
+            ["protocol", "reason"], registry=r)
+        self.auth_tokens = Gauge(
+            "digits_auth_tokens", "Bearer tokens accepted (--auth-token-file); 0 when authentication is off.",
+            registry=r)
+        self.auth_token_reloads = Counter(
+            "digits_auth_token_reloads", "Token file reloads, by result.", ["result"], registry=r)
         self.build_info = Gauge(
             "digits_build_info", "The server build (value 1): digits and onnxruntime versions as labels.",
             ["version", "onnxruntime"], registry=r)
@@ -117,6 +127,10 @@ class Metrics:
             self.rejected_predictions.labels(reason=reason)
         for result in ("success", "failed"):
             self.model_reloads.labels(result=result)
+            self.auth_token_reloads.labels(result=result)
+        for protocol in ("grpc", "http"):
+            for reason in ("missing", "malformed", "wrong"):
+                self.auth_refusals.labels(protocol=protocol, reason=reason)
 
     def set_model(self, name: str, version: str, sha256: str, provider: str, load_seconds: float) -> None:
         """Point the model-info metric at a newly loaded model (the old label set goes away)."""

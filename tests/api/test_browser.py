@@ -1,6 +1,8 @@
 """The draw-a-digit page in a real headless Chromium: real mouse strokes, taken from real MNIST digits,
 drawn on the canvas; the page must show the digit's label. Screenshots go to the test's tmp folder
 (and, with DIGITS_SAVE_SCREENSHOT=path, one is copied there: that is how docs/draw-a-digit.png is made).
+The page also works over HTTPS (--tls-cert) from a server with --auth-token-file: it asks for the token
+on the first 401, and a wrong one is refused as well as a missing one.
 
 Needs Debian's `chromium` and `chromium-driver` (`make test` installs them where apt is available).
 """
@@ -15,7 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.harness import ServerThread, fixture_digits, free_port
+from tests.harness import ServerThread, fixture_digits, free_port, scrape
+from tests.pki import make_pki, spki_sha256
 
 pytestmark = pytest.mark.browser
 
@@ -39,17 +42,20 @@ def server() -> Iterator[ServerThread]:
         yield running
 
 
-@pytest.fixture(scope="module")
-def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[webdriver.Chrome]:
+def chromium(profile: Path, *flags: str) -> webdriver.Chrome:
     options = webdriver.ChromeOptions()
     assert CHROMIUM is not None
     options.binary_location = CHROMIUM
     for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--disable-dev-shm-usage", "--window-size=760,680",
-                 f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}"):
+                 "--disable-dev-shm-usage", "--window-size=760,680", f"--user-data-dir={profile}", *flags):
         options.add_argument(flag)
-    driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=CHROMEDRIVER))
+    return webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=CHROMEDRIVER))
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[webdriver.Chrome]:
+    driver = chromium(tmp_path_factory.mktemp("chromium-profile"))
     try:
         yield driver
     finally:
@@ -136,3 +142,66 @@ def test_the_page_says_not_sure_instead_of_a_big_digit(browser: webdriver.Chrome
         assert answer(browser) == "not sure"
         assert browser.find_element("id", "result").get_attribute("data-verdict") == "uncertain"
         assert browser.find_element("id", "confidence").text.startswith(f"maybe {labels[0]} (")
+
+
+# --- HTTPS and a bearer token ---------------------------------------------------------------------------
+
+TOKEN = "page-test-token-7d1c0e"
+
+
+@pytest.fixture(scope="module")
+def secure(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServerThread, webdriver.Chrome]]:
+    """A server with HTTPS on its HTTP port and --auth-token-file, and a Chromium that trusts exactly its
+    certificate (pinned by public key: Chromium's own trust store is left alone)."""
+    pki = make_pki(tmp_path_factory.mktemp("pki"))
+    tokens = tmp_path_factory.mktemp("tokens") / "tokens"
+    tokens.write_text(TOKEN + "\n")
+    with ServerThread(http_port=free_port(), metrics_port=free_port(), tls_cert=pki.server_cert,
+                      tls_key=pki.server_key, auth_token_file=tokens) as running:
+        driver = chromium(tmp_path_factory.mktemp("chromium-https-profile"),
+                          f"--ignore-certificate-errors-spki-list={spki_sha256(pki.server_cert)}")
+        try:
+            yield running, driver
+        finally:
+            driver.quit()
+
+
+def submit_token(driver: webdriver.Chrome, token: str) -> None:
+    field = driver.find_element("id", "token")
+    field.clear()
+    field.send_keys(token)
+    driver.find_element("css selector", "#auth button").click()
+
+
+def wait_for_token_form(driver: webdriver.Chrome, message: str) -> None:
+    def asked(d: webdriver.Chrome) -> bool:
+        return bool(d.execute_script("return document.getElementById('result').dataset.state") == "auth"
+                    and d.find_element("id", "auth").is_displayed()
+                    and d.find_element("id", "message").text == message)
+
+    WebDriverWait(driver, 20, poll_frequency=0.05).until(asked)
+
+
+def test_the_page_over_https_asks_for_the_token_and_refuses_a_wrong_one(secure, tmp_path: Path) -> None:
+    server, driver = secure
+    images, labels = fixture_digits()
+    index = int(np.flatnonzero(labels == 3)[0])
+    driver.get(f"https://localhost:{server.server.http_port}/")
+    assert driver.execute_script("return location.protocol") == "https:"
+    assert not driver.find_element("id", "auth").is_displayed()
+    draw(driver, images[index])
+    wait_for_token_form(driver, "this server requires a bearer token: send 'authorization: Bearer <token>'")
+    submit_token(driver, "not-the-token")
+    wait_for_token_form(driver, "the bearer token is not accepted")
+    submit_token(driver, TOKEN)
+    assert answer(driver) == str(labels[index])  # the drawing made before the token, answered now
+    assert not driver.find_element("id", "auth").is_displayed()
+    assert driver.save_screenshot(str(tmp_path / "https-token.png"))
+    driver.find_element("id", "clear").click()  # the token is kept for the next drawings
+    index = int(np.flatnonzero(labels == 7)[0])
+    draw(driver, images[index])
+    assert answer(driver) == str(labels[index])
+    metrics = scrape(server.server.metrics_port)
+    assert metrics.value("digits_auth_refusals_total", protocol="http", reason="missing") == 1
+    assert metrics.value("digits_auth_refusals_total", protocol="http", reason="wrong") == 1
+    assert metrics.value("digits_requests_total", rpc="POST /v1/recognize", code="OK") >= 2

@@ -69,7 +69,7 @@ def rendered(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Objects]:
     out["training"] = kustomize(K8S / "training")
     for overlay in OVERLAYS:
         composed = compose_overlay(tmp_path_factory.mktemp(f"{overlay}-components"), overlay,
-                                   ["model-volume", "hpa-queue-depth"])
+                                   ["model-volume", "hpa-queue-depth", "auth-token"])
         out[f"{overlay}+components"] = kustomize(composed)
     return out
 
@@ -291,6 +291,25 @@ def test_servers_read_the_model_the_training_job_publishes(rendered: dict[str, O
     job_mount = next(m for m in train["volumeMounts"] if published.is_relative_to(m["mountPath"]))
     assert published.relative_to(job_mount["mountPath"]) == \
         PurePosixPath(str(cfg.model)).relative_to(server_mount["mountPath"])
+
+
+@pytest.mark.parametrize("name", ["cpu+components", "gpu+components"])
+def test_auth_token_component_mounts_the_tokens_from_a_secret(rendered: dict[str, Objects], name: str) -> None:
+    objects = rendered[name]
+    cfg = server_config(objects)
+    assert cfg.auth_token_file is not None
+    pod = one(objects, "Deployment")["spec"]["template"]["spec"]
+    path = PurePosixPath(str(cfg.auth_token_file))
+    mount = next(m for m in container(objects)["volumeMounts"] if path.is_relative_to(m["mountPath"]))
+    volume = next(v for v in pod["volumes"] if v["name"] == mount["name"])
+    assert mount["readOnly"] is True and volume["secret"]["secretName"] == "digits-auth-tokens"
+    assert path.relative_to(mount["mountPath"]) == PurePosixPath("tokens")
+    # Readable by the server through the pod's fsGroup, by no other user.
+    assert pod["securityContext"]["fsGroup"] == pod["securityContext"]["runAsGroup"]
+    assert volume["secret"]["defaultMode"] == 0o440
+    # The probes and the scraper need no token: gRPC health, and /metrics on its own port.
+    assert all("grpc" in container(objects)[probe] for probe in ("startupProbe", "readinessProbe", "livenessProbe"))
+    assert not [o for o in objects if o["kind"] == "Secret"]  # tokens never come from the repository
 
 
 def test_training_job_shape(rendered: dict[str, Objects]) -> None:

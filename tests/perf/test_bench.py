@@ -3,6 +3,7 @@ are computed as the issue defines them; a re-run replaces only the generated sec
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -16,8 +17,12 @@ from tests.harness import FIXTURE_DIR, ROOT, SHIPPED_MODEL
 
 def test_quick_bench_runs_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "docs" / "benchmarks.md"
+    # With --token-file: every server requires the token and every load point must send it (no errors below).
+    tokens = tmp_path / "tokens"
+    tokens.write_text("bench-token\n")
     code = main(["bench", "--quick", "--model", str(SHIPPED_MODEL), "--int8-model",
-                 str(ROOT / "models" / "lenet5-int8.onnx"), "--images", str(FIXTURE_DIR), "--out", str(out)])
+                 str(ROOT / "models" / "lenet5-int8.onnx"), "--images", str(FIXTURE_DIR), "--out", str(out),
+                 "--token-file", str(tokens)])
     assert code == 0
     text = out.read_text()
     assert text.count(BEGIN) == text.count(END) == 1
@@ -31,8 +36,12 @@ def test_quick_bench_runs_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert "Bare grpc.aio unary round trip" in text and "load after" in text
     assert (out.parent / "benchmarks.png").stat().st_size > 10_000
     assert "![throughput and p99 latency against concurrency](benchmarks.png)" in text
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
     assert "Batched requests" in printed and f"wrote {out}" in printed
+    errors = [int(n) for n in re.findall(r"errors (\d+)", captured.err)]
+    assert errors and not any(errors), "load points with errors: the token did not reach every server"
+    assert "every server ran with --auth-token-file" in text
 
 
 def _summary(requests_per_s: float, batch: int, p50_ms: float, p99_ms: float) -> Summary:
