@@ -49,8 +49,8 @@ TRAINING_MAY_IMPORT = {"service.idx", "service.recognition.model_metadata", "ser
 # The benchmark's in-process ceiling loads the model with the server's loader and recipe; the number
 # reader's measurement (service.perf.numbers) runs the protocol-free Reader in-process the same way.
 PERF_MAY_IMPORT_FROM_RECOGNITION = {"service.recognition.model", "service.recognition.preprocess",
-                                    "service.recognition.decode", "service.recognition.reader",
-                                    "service.recognition.segment"}
+                                    "service.recognition.decode", "service.recognition.reading.reader",
+                                    "service.recognition.reading.segment"}
 
 
 def modules() -> dict[str, Path]:

@@ -13,6 +13,7 @@ from service.api.messages import Undecodable, add_tolerant
 from service.api.tracking import RequestTracker, abort, clip, deadline_of
 from service.gen.digits.v1 import digits_pb2, digits_pb2_grpc
 from service.recognition.preprocess import Payload, RawImage
+from service.recognition.reading.reader import Reading
 from service.recognition.recognizer import Recognition, RecognizeError, Recognizer
 from service.telemetry.logs import short
 from service.telemetry.metrics import Metrics
@@ -50,6 +51,17 @@ def predictions(recognition: Recognition) -> Iterator[digits_pb2.Prediction]:
                                     accepted=not reason, rejection=REJECTIONS[reason])
 
 
+def reading_of(reading: Reading) -> digits_pb2.Reading:
+    """One Reading: the text, its confidence, and per digit its prediction and box."""
+    digits = [digits_pb2.ReadDigit(
+        prediction=digits_pb2.Prediction(digit=d.digit, confidence=d.confidence,
+                                         probabilities=d.probabilities.tolist(), accepted=not d.rejection,
+                                         rejection=REJECTIONS[d.rejection]),
+        box=digits_pb2.Box(x=d.box.x, y=d.box.y, width=d.box.width, height=d.box.height)) for d in reading.digits]
+    return digits_pb2.Reading(text=reading.text, confidence=reading.confidence, accepted=reading.accepted,
+                              digits=digits, rejection=REJECTIONS[reading.rejection])
+
+
 def model_ref(recognition: Recognition) -> digits_pb2.ModelRef:
     return digits_pb2.ModelRef(name=recognition.model.name, version=recognition.model.version)
 
@@ -62,6 +74,7 @@ class DigitRecognizerServicer(digits_pb2_grpc.DigitRecognizerServicer):
         self._metrics = metrics
         self._unary = RequestTracker(metrics, "Recognize")
         self._stream = RequestTracker(metrics, "RecognizeStream")
+        self._read = RequestTracker(metrics, "Read")
 
     async def Recognize(self, request: digits_pb2.RecognizeRequest,
                         context: grpc.aio.ServicerContext) -> digits_pb2.RecognizeResponse:
@@ -81,6 +94,26 @@ class DigitRecognizerServicer(digits_pb2_grpc.DigitRecognizerServicer):
             else:
                 return digits_pb2.RecognizeResponse(predictions=predictions(recognition),
                                                     model=model_ref(recognition))
+        assert error is not None
+        await abort(context, error.code, error.message)
+        raise AssertionError("unreachable: abort raises")
+
+    async def Read(self, request: digits_pb2.ReadRequest, context: grpc.aio.ServicerContext) -> digits_pb2.ReadResponse:
+        error: RecognizeError | None = None
+        deadline = deadline_of(context)
+        with self._read.track(context.peer(), deadline) as outcome:
+            try:
+                self._recognizer.admit(len(request.images))
+                self._metrics.images.labels(rpc="Read").inc(len(request.images))
+                payloads = [to_payload(image, i) for i, image in enumerate(request.images)]
+                model = self._recognizer.model
+                readings = await self._recognizer.read(payloads, deadline)
+            except RecognizeError as exc:
+                outcome["code"], outcome["reason"] = exc.code, exc.message
+                error = exc
+            else:
+                return digits_pb2.ReadResponse(readings=[reading_of(r) for r in readings],
+                                               model=digits_pb2.ModelRef(name=model.name, version=model.version))
         assert error is not None
         await abort(context, error.code, error.message)
         raise AssertionError("unreachable: abort raises")

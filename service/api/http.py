@@ -8,6 +8,7 @@ for image files, and the draw-a-digit page. A thin adapter over the same Recogni
     POST /v2/models/{model}[/versions/{v}]/infer   JSON tensors; Triton's binary tensor data extension too
     POST /v1/recognize                       one image file: the raw body with its Content-Type, or
                                              multipart/form-data field `image` -> JSON prediction
+    POST /v1/read                            the same, of a line of digits -> JSON reading (text, boxes)
 
 Errors are JSON, `{"error": message, "code": gRPC status name}`, with the matching 4xx/5xx status.
 Bodies larger than --max-message-bytes are refused with 413 before they are read whole.
@@ -30,8 +31,9 @@ from aiohttp.typedefs import Middleware
 from service.api import listener, v2_tensors
 from service.api.tracking import RequestTracker, clip
 from service.api.v2_grpc import SERVER_NAME, server_version
+from service.recognition.reading.reader import Reading
 from service.recognition.recognizer import Recognition, RecognizeError, Recognizer
-from service.telemetry.logs import short
+from service.telemetry.logs import cut, short
 from service.telemetry.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -39,6 +41,7 @@ log = logging.getLogger(__name__)
 STATIC = Path(__file__).resolve().parent / "static"
 HEADER_LENGTH = "Inference-Header-Content-Length"  # Triton's binary tensor data extension
 RECOGNIZE_ROUTE = "POST /v1/recognize"
+READ_ROUTE = "POST /v1/read"
 INFER_ROUTE = "POST /v2/models/{model}/infer"
 # The usual gRPC -> HTTP mapping (as grpc-gateway does it).
 HTTP_STATUS = {
@@ -100,6 +103,7 @@ class HttpApi:
         self._idle = asyncio.Event()
         self._idle.set()
         self._recognize = RequestTracker(metrics, RECOGNIZE_ROUTE)
+        self._read_tracker = RequestTracker(metrics, READ_ROUTE)
         self._infer = RequestTracker(metrics, INFER_ROUTE)
 
     def application(self) -> web.Application:
@@ -114,6 +118,7 @@ class HttpApi:
             app.router.add_get(prefix + "/ready", self._model_ready)
             app.router.add_post(prefix + "/infer", self._model_infer)
         app.router.add_post("/v1/recognize", self._recognize_image)
+        app.router.add_post("/v1/read", self._read_number)
         return app
 
     async def start(self, host: str, port: int, ssl_context: ssl.SSLContext | None = None) -> int:
@@ -176,13 +181,14 @@ class HttpApi:
                 return error_response(_too_large(request.content_length, self._max_bytes))
             message = exc.text or exc.reason
             if exc.status == 404:
-                message = f"no route {request.method} {request.path}; see GET /, GET /v2, POST /v1/recognize"
+                message = (f"no route {request.method} {cut(request.path)}; see GET /, GET /v2, "
+                           "POST /v1/recognize, POST /v1/read")
             elif exc.status == 405:
-                message = f"{request.method} is not allowed on {request.path}; use {exc.headers.get('Allow')}"
+                message = f"{request.method} is not allowed on {cut(request.path)}; use {exc.headers.get('Allow')}"
             return web.json_response({"error": message, "code": _code(exc.status)},
                                      status=exc.status, headers=_allow(exc))
         except Exception:  # a bug: say so in JSON like every other answer, and log it with its traceback
-            log.exception("HTTP %s %s failed", request.method, request.path)
+            log.exception("HTTP %s %s failed", request.method, cut(request.path))
             return web.json_response({"error": "internal server error", "code": "INTERNAL"}, status=500)
         finally:
             self._inflight -= 1
@@ -288,6 +294,18 @@ class HttpApi:
                 outcome["code"], outcome["reason"] = exc.code, exc.message
                 return error_response(exc)
             return web.json_response(_prediction(recognition))
+
+    async def _read_number(self, request: web.Request) -> web.Response:
+        with self._read_tracker.track(request.remote or "") as outcome:
+            try:
+                image = await self._image(request)
+                self._metrics.images.labels(rpc=READ_ROUTE).inc()
+                model = self._recognizer.model
+                [reading] = await self._recognizer.read([image])
+            except RecognizeError as exc:
+                outcome["code"], outcome["reason"] = exc.code, exc.message
+                return error_response(exc)
+            return web.json_response({**_reading(reading), "model": {"name": model.name, "version": model.version}})
 
     async def _image(self, request: web.Request) -> bytes:
         kind = request.content_type
@@ -461,3 +479,11 @@ def _prediction(recognition: Recognition) -> dict[str, Any]:
             "probabilities": recognition.probabilities[0].tolist(),
             "accepted": not reason, "rejection": reason or None,
             "model": {"name": recognition.model.name, "version": recognition.model.version}}
+
+
+def _reading(reading: Reading) -> dict[str, Any]:
+    return {"text": reading.text, "confidence": reading.confidence, "accepted": reading.accepted,
+            "rejection": reading.rejection or None,
+            "digits": [{"digit": d.digit, "confidence": d.confidence, "accepted": not d.rejection,
+                        "rejection": d.rejection or None, "box": [d.box.x, d.box.y, d.box.width, d.box.height]}
+                       for d in reading.digits]}

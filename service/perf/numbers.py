@@ -38,11 +38,11 @@ from PIL import Image
 from scipy import ndimage
 
 from service import idx
-from service.recognition import segment
 from service.recognition.decode import decode
 from service.recognition.model import load_model
 from service.recognition.preprocess import mnist_recipe, normalize
-from service.recognition.reader import Classify, Reader, Reading, Scoring, choose
+from service.recognition.reading import segment
+from service.recognition.reading.reader import Classify, Reader, Reading, Scoring, choose
 
 KINDS = ("spaced", "tight", "touching")
 INK_LEVEL = 0.2 * 255  # the Reader's ink threshold (preprocess.INK_THRESHOLD of the peak)

@@ -31,6 +31,7 @@ from service.recognition.ink import inked
 from service.recognition.model import LoadedModel, ModelLoadError, load_model
 from service.recognition.model_metadata import Rejection
 from service.recognition.preprocess import Stop, open_batch, pixel_batch, raw_batch, to_pixel_batch
+from service.recognition.reading.reader import Reader, Reading
 from service.recognition.rejection import RejectionOverrides
 from service.telemetry.metrics import DIGITS, Metrics
 
@@ -265,6 +266,47 @@ class Recognizer:
         finally:
             if stop is not None:  # a big request, on a decode thread: give its memory back
                 _release_freed_memory()
+
+    async def read(self, payloads: Sequence[Payload], deadline: float | None = None) -> list[Reading]:
+        """Read the line of digits in each image (`service.recognition.reading`). Every image's candidate
+        crops go to the batcher in one submission, and all images of the request at once, so they batch
+        with each other and with other traffic. Limits are those of `recognize`."""
+        self.admit(len(payloads))
+        try:  # headers and the request's pixel budget, before anything is decoded
+            for item in open_batch(payloads, self._config.max_image_pixels, self._config.max_request_pixels):
+                if item.image is not None:
+                    item.image.close()
+        except ImageError as exc:
+            raise RecognizeError(exc.code, f"image {exc.index}: {exc}") from exc
+        model = self._model
+        rule = self.rule(model)
+        classified = [0.0]
+
+        async def classify(pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            started = time.perf_counter()
+            try:
+                result = await self._run(pixels if model.metadata.ink_polarity == "light_on_dark" else 255 - pixels,
+                                         normalized=False, deadline=deadline)
+            finally:
+                classified[0] += time.perf_counter() - started
+            return result.logits, result.probabilities
+
+        reader = Reader(classify)
+
+        async def one(index: int, payload: Payload) -> Reading:
+            try:
+                return await reader.read_payload(payload, self._config.max_image_pixels, rule)
+            except ImageError as exc:
+                raise RecognizeError(exc.code, f"image {index}: {exc}") from exc
+
+        started = time.perf_counter()
+        readings = list(await asyncio.gather(*(one(i, p) for i, p in enumerate(payloads))))
+        # What the readings cost besides waiting for the model: decoding, segmenting, the recipe.
+        self._metrics.segmentation_seconds.observe(max(0.0, time.perf_counter() - started - classified[0]))
+        for reading in readings:
+            self._metrics.readings.labels(outcome=reading.rejection or "accepted").inc()
+            self._metrics.reading_digits.observe(len(reading.digits))
+        return readings
 
     async def recognize_pixels(self, pixels: np.ndarray, deadline: float | None = None) -> Recognition:
         """Recognize [n, H, W] MNIST-convention pixels (uint8 0..255 or float32 0..1) as given."""

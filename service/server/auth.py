@@ -36,7 +36,7 @@ from aiohttp.typedefs import Middleware
 
 from service.api import http as http_api
 from service.api.tracking import FAILURE_LINES_PER_SECOND
-from service.telemetry.logs import RateLimitedLog, fields, short
+from service.telemetry.logs import RateLimitedLog, cut, fields
 from service.telemetry.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -134,7 +134,7 @@ class Tokens:
     def refused(self, protocol: str, reason: str, call: str, peer: str = "") -> None:
         """Count and log one refusal (the call and the peer, never what was presented)."""
         self._metrics.auth_refusals.labels(protocol=protocol, reason=reason).inc()
-        extra = {"protocol": protocol, "call": short(call), "reason": reason, **({"peer": peer} if peer else {})}
+        extra = {"protocol": protocol, "call": call, "reason": reason, **({"peer": peer} if peer else {})}
         # Like failed requests: at most a few lines a second per reason, the rest counted in the next line.
         self._refusals.warning((protocol, reason), "request refused: unauthenticated", **extra)
 
@@ -205,7 +205,7 @@ def http_middleware(tokens: Tokens) -> Middleware:
         reason = tokens.check(request.headers.get("Authorization"))
         if reason is None:
             return await handler(request)
-        tokens.refused("http", reason, f"{request.method} {request.path}", request.remote or "")
+        tokens.refused("http", reason, f"{request.method} {cut(request.path)}", request.remote or "")
         response = http_api.error_response(http_api.HttpError(401, "UNAUTHENTICATED", MESSAGES[reason]))
         challenge = 'Bearer realm="digits"'
         if reason != "missing":

@@ -85,6 +85,13 @@ def short(value: object, limit: int = QUOTE_LIMIT) -> str:
     return f"{text[:limit]}… ({size} {'bytes' if isinstance(value, str | bytes | bytearray) else 'characters'})"
 
 
+def cut(text: str, limit: int = QUOTE_LIMIT) -> str:
+    """A client-supplied string quoted as it is (a URL path, say), cut to `limit` characters like `short`."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}… ({len(text.encode('utf-8', 'replace'))} bytes)"
+
+
 class ClientNoiseFilter(logging.Filter):
     """Turns a library's report of a client's malformed or abandoned request into one short warning line:
     no traceback (that is for our own bugs) and no quoted client bytes."""

@@ -36,7 +36,7 @@ LAG_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 
 DIGITS = tuple(str(d) for d in range(10))
 # Series that exist from the first scrape, so that rate() sees their first increment and the
 # "no successful requests" alert has an OK series to look at before any traffic arrives.
-GRPC_RPCS = ("Recognize", "RecognizeStream")
+GRPC_RPCS = ("Recognize", "RecognizeStream", "Read")
 # service.recognition.rejection.REASONS, repeated because telemetry sits below every other room.
 REJECTION_REASONS = ("no_ink", "not_a_digit", "uncertain")
 
@@ -89,6 +89,16 @@ class Metrics:
             "digits_rejected_predictions",
             "Predictions not accepted, by reason: no_ink, not_a_digit, uncertain (a drift signal).",
             ["reason"], registry=r)
+        self.readings = Counter(
+            "digits_readings", "Images read as numbers (Read), by outcome: accepted, or the rejection reason.",
+            ["outcome"], registry=r)
+        self.reading_digits = Histogram(
+            "digits_reading_digits", "Digits per reading (0 for an image with no ink or nothing read).",
+            buckets=(0, 1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20), registry=r)
+        self.segmentation_seconds = Histogram(
+            "digits_segmentation_duration_seconds",
+            "Time a Read request spent decoding, segmenting and preparing its crops (model time excluded).",
+            buckets=LATENCY_BUCKETS, registry=r)
         self.loop_lag_seconds = Histogram(
             "digits_event_loop_lag_seconds",
             "How much later than asked the event loop woke a 10 ms ticker: what every call on it waited.",
@@ -125,6 +135,8 @@ class Metrics:
             self.rejected.labels(reason=reason)
         for reason in REJECTION_REASONS:
             self.rejected_predictions.labels(reason=reason)
+            self.readings.labels(outcome=reason)
+        self.readings.labels(outcome="accepted")
         for result in ("success", "failed"):
             self.model_reloads.labels(result=result)
             self.auth_token_reloads.labels(result=result)

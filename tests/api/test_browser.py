@@ -76,8 +76,9 @@ def strokes(digit: np.ndarray) -> list[tuple[int, int, int, int]]:
     return lines
 
 
-def draw(driver: webdriver.Chrome, digit: np.ndarray) -> None:
-    """Real pointer input: press, drag along each run, release, as a person would with a mouse."""
+def draw(driver: webdriver.Chrome, digit: np.ndarray, dx: int = 0) -> None:
+    """Real pointer input: press, drag along each run, release, as a person would with a mouse; `dx`
+    moves the digit right by that many pad pixels (for a number on the wide pad)."""
     box = driver.execute_script(
         "const r = document.getElementById('pad').getBoundingClientRect();"
         "return [r.left, r.top, r.width / document.getElementById('pad').width];")
@@ -85,9 +86,9 @@ def draw(driver: webdriver.Chrome, digit: np.ndarray) -> None:
     actions = ActionBuilder(driver, duration=0)
     mouse = actions.pointer_action
     for x0, y0, x1, y1 in strokes(digit):
-        mouse.move_to_location(int(left + x0 * scale), int(top + y0 * scale))
+        mouse.move_to_location(int(left + (x0 + dx) * scale), int(top + y0 * scale))
         mouse.pointer_down()
-        mouse.move_to_location(int(left + x1 * scale), int(top + y1 * scale))
+        mouse.move_to_location(int(left + (x1 + dx) * scale), int(top + y1 * scale))
         mouse.pointer_up()
     actions.perform()
 
@@ -130,6 +131,28 @@ def test_drawn_real_digits_are_recognised(server: ServerThread, browser: webdriv
     target = os.environ.get("DIGITS_SAVE_SCREENSHOT")
     if target:
         shutil.copyfile(shots[0], target)
+
+
+def test_a_number_drawn_on_the_wide_pad_is_read_with_a_box_per_digit(server: ServerThread,
+                                                                     browser: webdriver.Chrome, tmp_path: Path) -> None:
+    images, labels = fixture_digits()
+    # The first fixture 2 and the first fixture 7, side by side on the 840 px pad.
+    two, seven = (int(np.flatnonzero(labels == label)[0]) for label in (2, 7))
+    browser.get(f"http://127.0.0.1:{server.server.http_port}/")
+    browser.find_element("id", "mode-number").click()
+    assert browser.execute_script("return document.getElementById('pad').width") == 840
+    draw(browser, images[two], dx=100)
+    draw(browser, images[seven], dx=460)
+    assert answer(browser) == "27"
+    assert browser.save_screenshot(str(tmp_path / "number-27.png"))
+    boxes = [[int(v) for v in b.get_attribute("data-box").split(",")]
+             for b in browser.find_elements("css selector", "#boxes .box")]
+    assert len(boxes) == 2
+    # Each box lies around the digit drawn there (the fixture digits fill about x 40..240 of their 280).
+    (x1, _, w1, _), (x2, _, w2, _) = boxes
+    assert x1 >= 100 and x1 + w1 <= 100 + 280 and x2 >= 460 and x2 + w2 <= 460 + 280
+    browser.find_element("id", "mode-digit").click()  # back to one digit: the square pad again
+    assert browser.execute_script("return document.getElementById('pad').width") == 280
 
 
 def test_the_page_says_not_sure_instead_of_a_big_digit(browser: webdriver.Chrome) -> None:

@@ -12,10 +12,11 @@ import pytest
 from PIL import Image
 
 from service.perf.numbers import KINDS, Number, compose, measure, onnx_classifier, tune
-from service.recognition import rejection, segment
+from service.recognition import rejection
 from service.recognition.decode import ImageTooLarge, RawImage, decode
 from service.recognition.model_metadata import Rejection, Threshold
-from service.recognition.reader import Classify, Reader, Reading, Scoring
+from service.recognition.reading import segment
+from service.recognition.reading.reader import Classify, Reader, Reading, Scoring
 from tests.harness import SHIPPED_MODEL, fixture_digits
 
 # Exact-match floors on 50 numbers (2-7 digits) of each kind from the fixture's t10k digits, a few

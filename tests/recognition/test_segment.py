@@ -9,8 +9,8 @@ import pytest
 from PIL import Image, ImageDraw
 
 from service.perf.numbers import KINDS, compose
-from service.recognition import segment
 from service.recognition.decode import decode
+from service.recognition.reading import segment
 from tests.harness import fixture_digits
 
 

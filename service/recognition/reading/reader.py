@@ -1,6 +1,6 @@
 """Read one line of handwritten digits: the text, a confidence for it, and every digit with its box.
 
-`Reader.read` segments the image (`service.recognition.segment`), sends every candidate crop
+`Reader.read` segments the image (`service.recognition.reading.segment`), sends every candidate crop
 through the MNIST recipe and the classifier in ONE call (in the server that is
 `Recognizer.recognize_pixels`, so the crops of one number batch with each other and with other
 traffic in the DynamicBatcher), and chooses by dynamic programming the path through the
@@ -28,7 +28,7 @@ from service.recognition import rejection
 from service.recognition.decode import RawImage, decode, raw_pixels
 from service.recognition.model_metadata import Rejection
 from service.recognition.preprocess import mnist_recipe
-from service.recognition.segment import Box, Candidate, Segmentation, segment
+from service.recognition.reading.segment import Box, Candidate, Segmentation, segment
 
 # pixels [k, 28, 28] uint8, MNIST convention -> (logits [k, 10], probabilities [k, 10])
 Classify = Callable[[np.ndarray], Awaitable[tuple[np.ndarray, np.ndarray]]]

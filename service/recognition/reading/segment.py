@@ -1,6 +1,6 @@
 """Split one line of handwritten digits into candidate digits, for the Reader to choose from.
 
-It over-segments and lets the classifier choose (`service.recognition.reader`); it never decides
+It over-segments and lets the classifier choose (`service.recognition.reading.reader`); it never decides
 alone whether some ink is one digit or two. In order (docs/reading.md has the figures):
 
 1. Ink against the paper's own level; 8-connected components at the image's resolution; the line
