@@ -103,6 +103,7 @@ system-deps:
 	$(call apt_need,chromedriver,chromium chromium-driver)
 	$(call apt_need,promtool,prometheus)
 	$(call apt_need,/usr/share/datasets/fashion-mnist,dataset-fashion-mnist)
+	$(call apt_need,curl,curl)
 
 # tests/deploy/test_image.py builds the real images and runs them: it needs podman (runc for cgroup v1 hosts,
 # which crun refuses) and debootstrap (to make the Python base where Docker Hub is out of reach). Installed
