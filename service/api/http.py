@@ -17,7 +17,6 @@ Bodies larger than --max-message-bytes are refused with 413 before they are read
 from __future__ import annotations
 
 import asyncio
-import itertools
 import json
 import logging
 import ssl
@@ -25,10 +24,11 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from aiohttp import BodyPartReader, web
+from aiohttp import web
 from aiohttp.typedefs import Middleware
 
-from service.api import listener, v2_tensors
+from service.api import http_bodies, listener, v2_tensors
+from service.api.http_bodies import HttpError
 from service.api.tracking import RequestTracker, clip
 from service.api.v2_grpc import SERVER_NAME, server_version
 from service.recognition.reading.reader import Reading
@@ -39,7 +39,6 @@ from service.telemetry.metrics import Metrics
 log = logging.getLogger(__name__)
 
 STATIC = Path(__file__).resolve().parent / "static"
-HEADER_LENGTH = "Inference-Header-Content-Length"  # Triton's binary tensor data extension
 RECOGNIZE_ROUTE = "POST /v1/recognize"
 READ_ROUTE = "POST /v1/read"
 INFER_ROUTE = "POST /v2/models/{model}/infer"
@@ -52,20 +51,6 @@ HTTP_STATUS = {
 }
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-# JSON documents bigger than this are parsed on a thread, not on the event loop.
-INLINE_JSON_BYTES = 256 * 1024
-# Parts a multipart upload may have: the image, and a few form fields a browser may add.
-MAX_PARTS = 16
-# Keys a JSON request body may have (see _json_object).
-MAX_JSON_KEYS = 4096
-
-
-class HttpError(RecognizeError):
-    """A refusal with an HTTP status of its own (413, 415, ...) besides its gRPC code."""
-
-    def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(code, message)
-        self.status = status
 
 
 def error_response(exc: RecognizeError) -> web.Response:
@@ -95,7 +80,7 @@ class HttpApi:
         self._reuse_port = reuse_port
         self._max_connections = max_connections
         self._idle_timeout = idle_timeout_s
-        self._body_timeout = body_timeout_s
+        self._bodies = http_bodies.BodyReader(max_message_bytes, body_timeout_s)
         self._runner: web.AppRunner | None = None
         self._server: asyncio.Server | None = None
         self._draining = False
@@ -162,7 +147,7 @@ class HttpApi:
             length = request.content_length
             if length is not None and length > self._max_bytes:
                 # Refused from the header alone: nothing of the body is read.
-                return error_response(_too_large(length, self._max_bytes))
+                return error_response(http_bodies.too_large(length, self._max_bytes))
             if self._draining and request.method == "POST":
                 # A connection kept alive from before SIGTERM: its new calls are refused like new gRPC calls.
                 return error_response(HttpError(503, "UNAVAILABLE", "server is shutting down; retry elsewhere"))
@@ -178,7 +163,7 @@ class HttpApi:
             return error_response(exc)
         except web.HTTPException as exc:  # aiohttp's own: unknown route, wrong method, body too large
             if exc.status == 413:
-                return error_response(_too_large(request.content_length, self._max_bytes))
+                return error_response(http_bodies.too_large(request.content_length, self._max_bytes))
             message = exc.text or exc.reason
             if exc.status == 404:
                 message = (f"no route {request.method} {cut(request.path)}; see GET /, GET /v2, "
@@ -241,25 +226,11 @@ class HttpApi:
     async def _v2_infer(self, request: web.Request) -> web.Response:
         self._check_model(request)
         model = self._recognizer.model
-        body = await self._read(request)
-        header, binary = _split_binary(body, request.headers.get(HEADER_LENGTH))
-        # Parsing a big JSON document (millions of keys or values) takes long enough to stall every
-        # other request on the event loop: big ones go to a thread.
-        big = len(header) > INLINE_JSON_BYTES
+        body = await self._bodies.read(request)
         max_values = self._recognizer.config.max_images_per_request * model.metadata.height * model.metadata.width
-        doc = await asyncio.to_thread(_json_object, header, max_values) if big else _json_object(header, max_values)
-        inputs = doc.get("inputs")
-        if not isinstance(inputs, list) or not all(isinstance(i, dict) for i in inputs):
-            raise RecognizeError("INVALID_ARGUMENT", "'inputs' must be a list of tensor objects")
-        v2_tensors.check_input_names([str(i.get("name")) for i in inputs], model.metadata)
-        tensor = await asyncio.to_thread(_input, inputs[0], binary, model.metadata) if big else \
-            _input(inputs[0], binary, model.metadata)
-        outputs = doc.get("outputs") or []
-        if not isinstance(outputs, list) or not all(isinstance(o, dict) for o in outputs):
-            raise RecognizeError("INVALID_ARGUMENT", "'outputs' must be a list of objects with a 'name'")
-        names = v2_tensors.select_outputs([str(o.get("name")) for o in outputs], model)
-        binary_default = _flag(_parameters(doc), "binary_data_output", False)
-        binary_out = {str(o.get("name")): _flag(_parameters(o), "binary_data", binary_default) for o in outputs}
+        infer = await http_bodies.parse_infer(body, request.headers.get(http_bodies.HEADER_LENGTH), model, max_values)
+        tensor, names, doc = infer.tensor, infer.outputs, infer.document
+        binary_out, binary_default = infer.binary_outputs, infer.binary_default
         self._recognizer.admit(tensor.count)
         self._metrics.images.labels(rpc=INFER_ROUTE).inc(tensor.count)
         recognition = await v2_tensors.recognize(self._recognizer, tensor, None)
@@ -280,14 +251,14 @@ class HttpApi:
         if not blobs:
             return web.Response(body=text, content_type="application/json")
         return web.Response(body=b"".join([text, *blobs]), content_type="application/octet-stream",
-                            headers={HEADER_LENGTH: str(len(text))})
+                            headers={http_bodies.HEADER_LENGTH: str(len(text))})
 
     # --- /v1/recognize ---
 
     async def _recognize_image(self, request: web.Request) -> web.Response:
         with self._recognize.track(request.remote or "") as outcome:
             try:
-                image = await self._image(request)
+                image = await self._bodies.image(request)
                 self._metrics.images.labels(rpc=RECOGNIZE_ROUTE).inc()
                 recognition = await self._recognizer.recognize([image])
             except RecognizeError as exc:
@@ -298,7 +269,7 @@ class HttpApi:
     async def _read_number(self, request: web.Request) -> web.Response:
         with self._read_tracker.track(request.remote or "") as outcome:
             try:
-                image = await self._image(request)
+                image = await self._bodies.image(request)
                 self._metrics.images.labels(rpc=READ_ROUTE).inc()
                 model = self._recognizer.model
                 [reading] = await self._recognizer.read([image])
@@ -306,87 +277,6 @@ class HttpApi:
                 outcome["code"], outcome["reason"] = exc.code, exc.message
                 return error_response(exc)
             return web.json_response({**_reading(reading), "model": {"name": model.name, "version": model.version}})
-
-    async def _image(self, request: web.Request) -> bytes:
-        kind = request.content_type
-        if kind == "multipart/form-data":
-            return await self._multipart_image(request)
-        if not (kind.startswith("image/") or kind == "application/octet-stream"):
-            raise HttpError(415, "INVALID_ARGUMENT",
-                            f"Content-Type {short(kind)} is not an image: send the image file as the body with its "
-                            "type (image/png, image/jpeg, ...) or as multipart/form-data field 'image'")
-        body = await self._read(request)
-        if not body:
-            raise RecognizeError("INVALID_ARGUMENT", "the body is empty: send an image file")
-        return body
-
-    async def _multipart_image(self, request: web.Request) -> bytes:
-        """The first file part (or field `image`). Every part, file or not, is read and counted against
-        --max-message-bytes, at most MAX_PARTS of them, none nested: a multipart body costs no more than
-        a raw one of the same size."""
-        budget = [self._max_bytes]
-        try:
-            async with asyncio.timeout(self._body_timeout):
-                return await self._multipart_parts(request, budget)
-        except TimeoutError:
-            raise self._slow_body() from None
-
-    async def _multipart_parts(self, request: web.Request, budget: list[int]) -> bytes:
-        image: bytes | None = None
-        try:
-            reader = await request.multipart()
-            for count in itertools.count(1):
-                part = await reader.next()
-                if part is None:
-                    break
-                if count > MAX_PARTS:
-                    raise RecognizeError("INVALID_ARGUMENT", f"multipart/form-data body has more than {MAX_PARTS} "
-                                                             "parts; send the image as field 'image'")
-                if not isinstance(part, BodyPartReader):
-                    raise RecognizeError("INVALID_ARGUMENT", "nested multipart bodies are not accepted")
-                data = await self._read_part(part, request.content_length, budget)
-                if image is None and (part.name == "image" or part.filename):
-                    if not data:
-                        raise RecognizeError("INVALID_ARGUMENT", f"multipart field {short(part.name)} is empty")
-                    image = data
-        except (ValueError, AssertionError, RecursionError) as exc:  # aiohttp's errors for malformed bodies
-            raise RecognizeError("INVALID_ARGUMENT",
-                                 f"malformed multipart/form-data body: {short(str(exc))}") from exc
-        if image is None:
-            raise RecognizeError("INVALID_ARGUMENT",
-                                 "multipart/form-data body has no file field: send the image as field 'image'")
-        return image
-
-    async def _read_part(self, part: BodyPartReader, declared: int | None, budget: list[int]) -> bytes:
-        # A multipart stream is not bounded by client_max_size: count while reading (chunked uploads),
-        # every part against one budget for the whole body.
-        chunks: list[bytes] = []
-        while chunk := await part.read_chunk():
-            budget[0] -= len(chunk)
-            if budget[0] < 0:
-                raise _too_large(declared, self._max_bytes)
-            chunks.append(chunk)
-        return b"".join(chunks)
-
-    async def _read(self, request: web.Request) -> bytes:
-        try:
-            async with asyncio.timeout(self._body_timeout):
-                return await request.read()
-        except web.HTTPRequestEntityTooLarge as exc:
-            raise _too_large(request.content_length, self._max_bytes) from exc
-        except TimeoutError:
-            raise self._slow_body() from None
-
-    def _slow_body(self) -> HttpError:
-        return HttpError(408, "DEADLINE_EXCEEDED",
-                         f"the request body did not arrive within {self._body_timeout:g} s (--http-body-timeout-s)")
-
-
-def _too_large(length: int | None, limit: int) -> HttpError:
-    size = f"{length} bytes" if length is not None else "the body"
-    return HttpError(413, "RESOURCE_EXHAUSTED",
-                     f"request body of {size} exceeds the limit of {limit} bytes (--max-message-bytes)")
-
 
 def _code(status: int) -> str:
     reverse = {404: "NOT_FOUND", 405: "UNIMPLEMENTED", 413: "RESOURCE_EXHAUSTED"}
@@ -396,80 +286,6 @@ def _code(status: int) -> str:
 def _allow(exc: web.HTTPException) -> dict[str, str]:
     allow = exc.headers.get("Allow")
     return {"Allow": allow} if allow else {}
-
-
-def _split_binary(body: bytes, header_length: str | None) -> tuple[bytes, bytes]:
-    """The JSON header and the binary tensor data after it (Triton's binary tensor data extension)."""
-    if header_length is None:
-        return body, b""
-    try:
-        length = int(header_length)
-        if not 0 <= length <= len(body):
-            raise ValueError
-    except ValueError:
-        raise RecognizeError(
-            "INVALID_ARGUMENT",
-            f"{HEADER_LENGTH} {header_length!r} must be an integer 0..{len(body)} (the body's size)") from None
-    return body[:length], body[length:]
-
-
-def _json_object(text: bytes, max_values: int) -> dict[str, Any]:
-    # json.loads holds the GIL while it runs, on a thread or not, so a document with millions of keys
-    # or values would stall the event loop for a second: count them first (colons and commas; those
-    # inside strings only make the counts safer). A v2 request has a handful of keys, and at most
-    # --max-images-per-request images' worth of values.
-    if text.count(b":") > MAX_JSON_KEYS:
-        raise RecognizeError("INVALID_ARGUMENT", f"request body has more than {MAX_JSON_KEYS} JSON keys; a v2 "
-                                                 "inference request needs a few (send tensor values in 'data')")
-    if text.count(b",") > max_values + MAX_JSON_KEYS:
-        raise RecognizeError("INVALID_ARGUMENT", f"request body has more than {max_values} values: more than "
-                                                 "--max-images-per-request images' worth")
-    try:
-        doc = json.loads(text)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise RecognizeError("INVALID_ARGUMENT", f"request body is not valid JSON: {short(str(exc))}") from exc
-    except RecursionError:
-        raise RecognizeError("INVALID_ARGUMENT", "request body is JSON nested too deeply") from None
-    if not isinstance(doc, dict):
-        raise RecognizeError("INVALID_ARGUMENT", "request body must be a JSON object with 'inputs'")
-    return doc
-
-
-def _flag(params: dict[str, Any], name: str, default: bool) -> bool:
-    """A boolean parameter: JSON true or false, nothing else ("no" is not false, it is a mistake)."""
-    value = params.get(name, default)
-    if not isinstance(value, bool):
-        raise RecognizeError("INVALID_ARGUMENT", f"parameter {name!r} must be true or false, got {short(value)}")
-    return value
-
-
-def _parameters(obj: dict[str, Any]) -> dict[str, Any]:
-    params = obj.get("parameters") or {}
-    if not isinstance(params, dict):
-        raise RecognizeError("INVALID_ARGUMENT", "'parameters' must be a JSON object")
-    return params
-
-
-def _input(tensor: dict[str, Any], binary: bytes, meta: Any) -> v2_tensors.InputTensor:
-    name, datatype, shape = tensor.get("name"), tensor.get("datatype"), tensor.get("shape")
-    if not isinstance(datatype, str) or not isinstance(shape, list):
-        raise RecognizeError("INVALID_ARGUMENT",
-                             f"input {short(name)} needs 'datatype' (a string) and 'shape' (a list of integers)")
-    size = _parameters(tensor).get("binary_data_size")
-    if size is None:
-        if binary:
-            raise RecognizeError("INVALID_ARGUMENT",
-                                 f"the body has {len(binary)} bytes of binary data but input {short(name)} has no "
-                                 "parameters.binary_data_size")
-        if "data" not in tensor:
-            raise RecognizeError("INVALID_ARGUMENT", f"input {short(name)} has no 'data'")
-        return v2_tensors.from_values(str(name), datatype, shape, tensor["data"], meta)
-    if not isinstance(size, int) or isinstance(size, bool) or size != len(binary):
-        raise RecognizeError(
-            "INVALID_ARGUMENT",
-            f"input {short(name)} declares binary_data_size {short(size)}; the body carries {len(binary)} bytes after "
-            f"the {HEADER_LENGTH} JSON header")
-    return v2_tensors.from_raw(str(name), datatype, shape, binary, meta)
 
 
 def _prediction(recognition: Recognition) -> dict[str, Any]:
