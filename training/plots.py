@@ -1,4 +1,5 @@
-"""PNG figures: training curves and confusion matrix (matplotlib, headless Agg backend).
+"""PNG figures: training curves, confusion matrix with reliability diagram, coverage-vs-accuracy curves
+(matplotlib, headless Agg backend).
 
 matplotlib is imported inside the functions: it is only needed when a figure is asked for.
 """
@@ -72,6 +73,74 @@ def plot_confusion_matrix(
             if matrix[i, j]:
                 colour = "white" if np.log1p(matrix[i, j]) > threshold else "black"
                 ax.text(j, i, str(int(matrix[i, j])), ha="center", va="center", color=colour, fontsize=8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _confusion_panel(ax: Any, fig: Any, matrix: np.ndarray, labels: Sequence[str], title: str) -> None:
+    size = len(labels)
+    # Log colour scale: otherwise the diagonal swamps the few errors that matter.
+    shown = ax.imshow(np.log1p(matrix), cmap="Blues")
+    fig.colorbar(shown, ax=ax, label="log(1 + count)", shrink=0.8)
+    ax.set(xticks=range(size), yticks=range(size), xticklabels=labels, yticklabels=labels, xlabel="predicted",
+           ylabel="true", title=title)
+    threshold = np.log1p(matrix.max()) / 2
+    for i in range(size):
+        for j in range(size):
+            if matrix[i, j]:
+                colour = "white" if np.log1p(matrix[i, j]) > threshold else "black"
+                ax.text(j, i, str(int(matrix[i, j])), ha="center", va="center", color=colour, fontsize=8)
+
+
+def plot_evaluation(matrix: np.ndarray, labels: Sequence[str], bins: Any, path: str | Path,
+                    title: str = "Confusion matrix") -> Path:
+    """The confusion matrix and, next to it, the reliability diagram of the served probabilities.
+
+    `bins` is a `training.quality.calibration.Reliability` (None: the confusion matrix alone).
+    """
+    if bins is None:
+        return plot_confusion_matrix(matrix, labels, path, title)
+    plt = _pyplot()
+    path = Path(path)
+    fig, (ax_cm, ax_rel) = plt.subplots(1, 2, figsize=(13, 5.6), constrained_layout=True)
+    _confusion_panel(ax_cm, fig, matrix, labels, title)
+    centres = (bins.edges[:-1] + bins.edges[1:]) / 2
+    width = bins.edges[1] - bins.edges[0]
+    filled = bins.counts > 0
+    ax_rel.bar(centres[filled], bins.accuracy[filled], width=width * 0.9, color="tab:blue", alpha=0.8,
+               label="accuracy in bin")
+    ax_rel.bar(centres[filled], bins.confidence[filled] - bins.accuracy[filled], bottom=bins.accuracy[filled],
+               width=width * 0.9, color="tab:red", alpha=0.35, label="gap to mean confidence")
+    ax_rel.plot([0, 1], [0, 1], color="grey", linestyle=":", label="perfect calibration")
+    for x, count, acc in zip(centres[filled], bins.counts[filled], bins.accuracy[filled], strict=True):
+        ax_rel.text(x, min(acc, 0.97) + 0.01, str(int(count)), ha="center", fontsize=7, rotation=90)
+    ax_rel.set(xlim=(0, 1), ylim=(0, 1.05), xlabel="confidence (top served probability)", ylabel="accuracy",
+               title=f"Reliability ({len(centres)} bins): ECE {bins.ece:.4f}")
+    ax_rel.legend(loc="upper left")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_coverage(curves: Mapping[str, tuple[np.ndarray, np.ndarray, tuple[float, float] | None]],
+                  path: str | Path, title: str) -> Path:
+    """Coverage-vs-accuracy curves: per set, (coverage, accuracy, the rule's operating point or None)."""
+    plt = _pyplot()
+    path = Path(path)
+    fig, ax = plt.subplots(figsize=(7.5, 5.5), constrained_layout=True)
+    for name, (coverage, accuracy, point) in curves.items():
+        (line,) = ax.plot(coverage, accuracy, label=name)
+        if point is not None:
+            ax.plot(*point, "o", color=line.get_color())
+    low = min(float(np.min(a)) for _, a, _ in curves.values()) if curves else 0.0
+    ax.set(xlabel="coverage (share of inputs accepted, most confident first)",
+           ylabel="accuracy of the accepted (a non-digit is never right)", title=title,
+           xlim=(0, 1.01), ylim=(max(0.0, low - 0.02), 1.002))
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="lower left", fontsize=8)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
