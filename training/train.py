@@ -249,7 +249,8 @@ def calibrate_on_validation(model: torch.nn.Module, val: Digits) -> tuple[Calibr
     from training.synth.clientstyle import EVAL_RENDER_SEED, client_style
     from training.synth.negatives import NEGATIVES_VAL_SEED, TRAIN_KINDS, generate
 
-    negatives = generate(dict.fromkeys(TRAIN_KINDS, 100), NEGATIVES_VAL_SEED, val.images)
+    # As many negatives of each kind as half the validation digits (at most 300): enough to rank scores.
+    negatives = generate(dict.fromkeys(TRAIN_KINDS, max(10, min(300, len(val) // 2))), NEGATIVES_VAL_SEED, val.images)
     renders = client_style(val.images, EVAL_RENDER_SEED)
     outputs = {
         "idx": np.arange(len(val)), "labels": val.labels.astype(np.int64),

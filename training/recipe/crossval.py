@@ -57,6 +57,8 @@ class Shared:
     val_negatives: Negatives | None = None
     eval_negatives: Negatives | None = None
     per_kind: int = NEGATIVES_PER_KIND
+    test_idx: np.ndarray | None = None
+    """The test part: every model is also measured there (only measured: nothing is chosen with it)."""
 
 
 @dataclass
@@ -72,6 +74,7 @@ class TaskResult:
     eval_negative_logits: np.ndarray
     eval_negative_kinds: np.ndarray
     seconds: float
+    test_logits: np.ndarray | None = None
     history: list[dict[str, float]] = field(default_factory=list)
 
 
@@ -172,6 +175,7 @@ def run_task(task: Task, shared: Shared | None = None) -> TaskResult:
         eval_negative_kinds=eval_negatives.kinds,
         seconds=time.perf_counter() - tick,
         history=history,
+        test_logits=None if shared.test_idx is None else logits_of(model, as_input(shared.images[shared.test_idx])),
     )
 
 
@@ -219,6 +223,24 @@ def model_tasks(config: TrainConfig, name: str, seed: int, train_idx: np.ndarray
     """The task for one model, preceded by its teachers' tasks when the recipe distils."""
     teachers = [Task(f"{name}-teacher-{j}", seed + 10 * j, train_idx, eval_idx) for j in range(1, config.teachers + 1)]
     return [*teachers, Task(name, seed, train_idx, eval_idx, tuple(t.name for t in teachers))]
+
+
+def test_part_figures(results: dict[str, TaskResult], labels: np.ndarray, test_idx: np.ndarray) -> dict[str, Any]:
+    """Every cross-validation model on the test part (trained on fewer digits than the final model, so
+    this measures what training on the whole pool adds), and their ensemble (mean softmax)."""
+    from training.quality.calibration import softmax
+    from training.quality.metrics import mean_sd, proportion
+
+    outputs = [r.test_logits for n, r in results.items()
+               if n.startswith("fold-") and "teacher" not in n and r.test_logits is not None]
+    if not outputs or not len(test_idx):
+        return {}
+    truth = labels[test_idx]
+    right = [int((logits.argmax(1) == truth).sum()) for logits in outputs]
+    ensemble = np.mean([softmax(logits) for logits in outputs], axis=0)
+    return {"fold_models_accuracy_mean_sd": mean_sd([k / truth.size for k in right]),
+            "fold_models_accuracy": [proportion(k, int(truth.size)) for k in right],
+            "fold_ensemble_accuracy": proportion(int((ensemble.argmax(1) == truth).sum()), int(truth.size))}
 
 
 def summarize_folds(results: dict[str, TaskResult], labels: np.ndarray) -> dict[str, Any]:

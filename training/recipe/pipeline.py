@@ -28,7 +28,15 @@ from training.quality.calibration import ece, softmax
 from training.quality.fit import calibrate_and_choose
 from training.quality.thresholds import Outputs, measure_digits, measure_negatives
 from training.recipe.config import TrainConfig
-from training.recipe.crossval import TaskResult, fold_tasks, model_tasks, prepare_shared, run_tasks, summarize_folds
+from training.recipe.crossval import (
+    TaskResult,
+    fold_tasks,
+    model_tasks,
+    prepare_shared,
+    run_tasks,
+    summarize_folds,
+    test_part_figures,
+)
 
 
 @dataclass(frozen=True)
@@ -111,6 +119,7 @@ def run_pipeline(config: TrainConfig, folds: int, jobs: int, cv_only: bool = Fal
     log(f"data: {len(pool_idx)} pool digits in {folds} folds, {len(test_idx)} test digits; {jobs} job(s)")
     _write_heldout(out_dir / "heldout", images, labels, test_idx, pool_idx, folds, config.split_seed)
     shared = prepare_shared(config, images, labels, out_dir / "models", log, pool_size=len(pool_idx))
+    shared.test_idx = test_idx if len(test_idx) else None
     tasks = fold_tasks(config, pool_idx, labels, folds)
     if not cv_only:
         tasks += model_tasks(config, "final", config.seed * 100, pool_idx, test_idx)
@@ -130,6 +139,7 @@ def run_pipeline(config: TrainConfig, folds: int, jobs: int, cv_only: bool = Fal
         final = results["final"]
         if len(test_idx):
             report["test"] = measure_final(final, labels, calibration, rule)
+            report["test"]["cross_validation_models"] = test_part_figures(results, labels, test_idx)
             test_accuracy = report["test"]["mnist"]["accuracy"]
             log(f"final model on {len(test_idx)} test digits: accuracy {test_accuracy['value']:.4f} "
                 f"(Wilson 95% {test_accuracy['wilson95'][0]:.4f}-{test_accuracy['wilson95'][1]:.4f})")
