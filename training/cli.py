@@ -81,6 +81,9 @@ def _command_line(command: str, args: argparse.Namespace, options: dict[str, str
         value = getattr(args, dest)
         if value is True:
             parts.append(flag)
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                parts += [flag, display_path(item)]  # the only list options are directories
         elif value not in (None, False):
             parts += [flag, display_path(value) if dest in _PATH_OPTIONS else str(value)]
     return shlex.join(parts)
@@ -95,7 +98,7 @@ RECIPE_FLAGS = {
     "label_smoothing": "--label-smoothing", "ema_decay": "--ema", "client_style": "--client-style",
     "client_variants": "--client-variants", "oe_weight": "--oe-weight", "oe_per_digit": "--oe-per-digit",
     "oe_batch": "--oe-batch", "teachers": "--teachers", "distill_weight": "--distill-weight",
-    "distill_temperature": "--distill-temperature",
+    "distill_temperature": "--distill-temperature", "teachers_from": "--teachers-from",
 }
 
 
@@ -126,7 +129,8 @@ def _train(args: argparse.Namespace) -> int:
         resume=Path(args.resume) if args.resume else None,
         threads=args.threads,
         command=command,
-        **{dest: getattr(args, dest) for dest in RECIPE_FLAGS},
+        **{dest: getattr(args, dest) for dest in RECIPE_FLAGS if dest != "teachers_from"},
+        teachers_from=tuple(args.teachers_from or ()),
     )
     model_out = Path(args.model_out) if args.model_out else config.out_dir / "lenet5.onnx"
     if args.cv:
@@ -282,6 +286,9 @@ def register(subparsers: Any) -> None:
     recipe.add_argument("--teachers", type=int, default=0, help="distil from this many LeNet-5 teachers (0: off)")
     recipe.add_argument("--distill-weight", type=float, default=0.5, help="share of the KD loss (default 0.5)")
     recipe.add_argument("--distill-temperature", type=float, default=2.0, help="KD temperature (default 2)")
+    recipe.add_argument("--teachers-from", action="append", metavar="RUN_DIR",
+                        help="with --cv: also distil from the same-named models of an earlier --cv run on the same "
+                        "folds (repeatable)")
     train.add_argument("--cv", type=int, default=0, metavar="K", help="k-fold cross-validate the recipe on all but "
                        "the test digits, then train the final model on them, calibrate and choose thresholds on "
                        "the out-of-fold outputs, and measure it on the test digits (default 0: one run with a "

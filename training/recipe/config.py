@@ -75,10 +75,14 @@ class TrainConfig:
     distill_weight: float = 0.5
     """Share of the digit loss that is the KL divergence to the teachers' mean (tempered) output."""
     distill_temperature: float = 2.0
+    teachers_from: tuple[str, ...] = ()
+    """Run directories of earlier `digits train --cv` runs on the same split and folds: their models of
+    the same name (fold-k, final) teach too (an experiment's shortcut: no teachers to train again)."""
 
     def to_dict(self) -> dict[str, Any]:
         """Plain values (paths as strings), for checkpoints and reports."""
-        return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self).items()}
+        return {k: str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v
+                for k, v in asdict(self).items()}
 
     def recipe(self) -> dict[str, Any]:
         """Only the settings that change the model (no paths, no bookkeeping)."""

@@ -38,6 +38,8 @@ class Task:
     eval_idx: np.ndarray
     teachers: tuple[str, ...] = ()
     """Names of the tasks whose models it distils from (they run first)."""
+    external_teachers: tuple[str, ...] = ()
+    """Model files of earlier runs it also distils from."""
 
 
 @dataclass
@@ -148,9 +150,9 @@ def run_task(task: Task, shared: Shared | None = None) -> TaskResult:
     renders = shared.renders[:, task.train_idx] if shared.renders is not None else None
     data = build_training_set(config, images, shared.labels[task.train_idx], task.train_idx, renders, negatives)
     teachers = []
-    for name in task.teachers:
+    for path in [shared.model_dir / f"{name}.pt" for name in task.teachers] + [Path(p) for p in task.external_teachers]:
         teacher = LeNet5()
-        teacher.load_state_dict(torch.load(shared.model_dir / f"{name}.pt", weights_only=True))
+        teacher.load_state_dict(torch.load(path, weights_only=True))
         teachers.append(teacher.eval())
     model, history = fit(config, data, task.seed, teachers, name=task.name)
     shared.model_dir.mkdir(parents=True, exist_ok=True)
@@ -222,7 +224,11 @@ def fold_tasks(config: TrainConfig, pool_idx: np.ndarray, labels: np.ndarray, fo
 def model_tasks(config: TrainConfig, name: str, seed: int, train_idx: np.ndarray, eval_idx: np.ndarray) -> list[Task]:
     """The task for one model, preceded by its teachers' tasks when the recipe distils."""
     teachers = [Task(f"{name}-teacher-{j}", seed + 10 * j, train_idx, eval_idx) for j in range(1, config.teachers + 1)]
-    return [*teachers, Task(name, seed, train_idx, eval_idx, tuple(t.name for t in teachers))]
+    external = tuple(str(Path(run) / "models" / f"{name}.pt") for run in config.teachers_from)
+    missing = [path for path in external if not Path(path).is_file()]
+    if missing:
+        raise FileNotFoundError(f"--teachers-from: no model {missing[0]} (run the teacher recipe with --cv first)")
+    return [*teachers, Task(name, seed, train_idx, eval_idx, tuple(t.name for t in teachers), external)]
 
 
 def test_part_figures(results: dict[str, TaskResult], labels: np.ndarray, test_idx: np.ndarray) -> dict[str, Any]:
@@ -286,8 +292,8 @@ def _teacher_ensembles(results: dict[str, TaskResult], labels: np.ndarray) -> li
     for name, result in results.items():
         if not name.startswith("fold-") or "teacher" in name:
             continue
-        mine = [r for n, r in results.items() if n.startswith(f"{name}-teacher-")]
+        mine = [r.logits for n, r in results.items() if n.startswith(f"{name}-teacher-")]
         if mine:
-            mean = np.mean([softmax(r.logits) for r in mine], axis=0)
+            mean = np.mean([softmax(logits) for logits in mine], axis=0)
             scores.append(float((mean.argmax(1) == labels[result.eval_idx]).mean()))
     return scores
