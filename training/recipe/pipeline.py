@@ -127,8 +127,12 @@ def run_pipeline(config: TrainConfig, folds: int, jobs: int, cv_only: bool = Fal
     cv = summarize_folds(results, labels)
     mean, sd = cv["accuracy_mean_sd"]
     log(f"cross-validated accuracy {mean:.4f} +- {sd:.4f} over {folds} folds")
+    oof = _oof(results, labels)
     calibration, rule, oof_figures = calibrate_and_choose(
-        _oof(results, labels), f"out-of-fold outputs of the {folds} cross-validation models")
+        oof, f"out-of-fold outputs of the {folds} cross-validation models")
+    arrays: dict[str, Any] = {k: v.astype(str) if v.dtype == object else v for k, v in oof.items()}
+    np.savez_compressed(out_dir / "out-of-fold.npz", **arrays)
+    _plot_validation_coverage(oof, calibration, rule, out_dir / "coverage-validation.png")
     report: dict[str, Any] = {
         "recipe": config.recipe(), "folds": folds, "data": record, "cross_validation": cv,
         "out_of_fold": oof_figures, "calibration": json.loads(calibration.to_json()),
@@ -148,6 +152,34 @@ def run_pipeline(config: TrainConfig, folds: int, jobs: int, cv_only: bool = Fal
     report_path = out_dir / "report.json"
     report_path.write_text(json.dumps(report, indent=1, default=_plain) + "\n")
     return PipelineResult(report, report_path, checkpoint)
+
+
+def _plot_validation_coverage(oof: dict[str, np.ndarray], calibration: Calibration, rule: Rejection,
+                              path: Path) -> None:
+    """Coverage-vs-accuracy on the validation data: out-of-fold digits, alone and mixed with negatives."""
+    from service.recognition.rejection import decide
+    from training.plots import plot_coverage
+    from training.quality.metrics import coverage_curve
+
+    t = calibration.temperature
+    digits = Outputs.of(oof["logits"], t, oof["labels"])
+    correct = digits.probabilities.argmax(1) == oof["labels"]
+
+    def curve(outputs: Outputs, right: np.ndarray, score: str) -> tuple[np.ndarray, np.ndarray, tuple[float, float]]:
+        accepted = decide(rule, outputs.logits, outputs.probabilities) == ""
+        return (*coverage_curve(outputs.score(score), right),
+                (float(accepted.mean()), float(right[accepted].mean()) if accepted.any() else 0.0))
+
+    curves = {f"{len(correct)} out-of-fold digits": curve(digits, correct, "max_probability")}
+    for name, key in (("validation negatives", "val_negatives"), ("measuring negatives", "eval_negatives")):
+        if len(oof[key]):
+            negatives = Outputs.of(oof[key], t)
+            mixed = Outputs(np.concatenate([digits.logits, negatives.logits]),
+                            np.concatenate([digits.probabilities, negatives.probabilities]))
+            right = np.concatenate([correct, np.zeros(len(negatives.logits), bool)])
+            curves[f"digits + {len(negatives.logits)} {name} (by {rule.not_a_digit.score})"] = curve(
+                mixed, right, rule.not_a_digit.score)
+    plot_coverage(curves, path, "Validation (out-of-fold): coverage vs accuracy (dots: the chosen rule)")
 
 
 def _write_heldout(directory: Path, images: np.ndarray, labels: np.ndarray, test_idx: np.ndarray,
