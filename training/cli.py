@@ -257,7 +257,7 @@ def register(subparsers: Any) -> None:
     train.add_argument("--data-dir", required=True, help="directory with train-*[.gz] (and t10k-*) IDX files")
     train.add_argument("--out-dir", required=True, help="run directory: checkpoints, metrics, held-out digits")
     recipe = train.add_argument_group("recipe (defaults: the shipped model's; docs/training.md measures each)")
-    recipe.add_argument("--epochs", type=_positive_int, default=40, help="number of epochs (default 40)")
+    recipe.add_argument("--epochs", type=_positive_int, default=80, help="number of epochs (default 80)")
     recipe.add_argument("--seed", type=int, default=1, help="seed for init, shuffling, augmentation (default 1)")
     recipe.add_argument("--lr", type=float, default=3e-3, help="Adam learning rate; the peak for onecycle (3e-3)")
     recipe.add_argument("--lr-schedule", choices=("onecycle", "cosine", "constant"), default="onecycle",

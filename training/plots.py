@@ -47,6 +47,29 @@ def plot_training_curves(history: Sequence[Mapping[str, float]], path: str | Pat
     return path
 
 
+def plot_run_curves(histories: Mapping[str, Sequence[Mapping[str, float]]], path: str | Path) -> Path:
+    """Training loss and accuracy per epoch of several models (a cross-validated run: folds and final;
+    there is no validation curve: no model is selected by epoch)."""
+    plt = _pyplot()
+    path = Path(path)
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    fig.subplots_adjust(left=0.08, right=0.98, bottom=0.12, top=0.92, wspace=0.22)
+    for name, history in histories.items():
+        epochs = [int(r["epoch"]) for r in history]
+        width = 2.0 if name == "final" else 0.8
+        ax_loss.plot(epochs, [r["train_loss"] for r in history], label=name, linewidth=width)
+        ax_acc.plot(epochs, [100 * r["train_acc"] for r in history], label=name, linewidth=width)
+    ax_loss.set(xlabel="epoch", ylabel="training loss (augmented batches)", title="Loss", yscale="log")
+    ax_acc.set(xlabel="epoch", ylabel="training accuracy (%, augmented batches)", title="Accuracy")
+    for ax in (ax_loss, ax_acc):
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plot_confusion_matrix(
     matrix: np.ndarray, labels: Sequence[str], path: str | Path, title: str = "Confusion matrix"
 ) -> Path:

@@ -24,6 +24,7 @@ import numpy as np
 
 from service.recognition.model_metadata import Calibration, Rejection
 from training.data import cv_split, display_path, has_split, load_split
+from training.plots import plot_run_curves
 from training.quality.calibration import ece, softmax
 from training.quality.fit import calibrate_and_choose
 from training.quality.thresholds import Outputs, measure_digits, measure_negatives
@@ -124,6 +125,8 @@ def run_pipeline(config: TrainConfig, folds: int, jobs: int, cv_only: bool = Fal
     if not cv_only:
         tasks += model_tasks(config, "final", config.seed * 100, pool_idx, test_idx)
     results = run_tasks(tasks, shared, jobs, log)
+    plot_run_curves({name: r.history for name, r in results.items() if "teacher" not in name},
+                    out_dir / "training-curves.png")
     cv = summarize_folds(results, labels)
     mean, sd = cv["accuracy_mean_sd"]
     log(f"cross-validated accuracy {mean:.4f} +- {sd:.4f} over {folds} folds")
