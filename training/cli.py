@@ -84,7 +84,7 @@ def _command_line(command: str, args: argparse.Namespace, options: dict[str, str
         elif isinstance(value, (list, tuple)):
             for item in value:
                 parts += [flag, display_path(item)]  # the only list options are directories
-        elif value not in (None, False):
+        elif value is not None and value is not False:  # not `in (None, False)`: 0 == False would drop zeros
             parts += [flag, display_path(value) if dest in _PATH_OPTIONS else str(value)]
     return shlex.join(parts)
 

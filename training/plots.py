@@ -132,15 +132,15 @@ def plot_evaluation(matrix: np.ndarray, labels: Sequence[str], bins: Any, path: 
     centres = (bins.edges[:-1] + bins.edges[1:]) / 2
     width = bins.edges[1] - bins.edges[0]
     filled = bins.counts > 0
-    ax_rel.bar(centres[filled], bins.accuracy[filled], width=width * 0.9, color="tab:blue", alpha=0.8,
+    ax_rel.bar(centres[filled], bins.accuracy[filled], width=width * 0.9, color="tab:blue", alpha=0.75,
                label="accuracy in bin")
-    ax_rel.bar(centres[filled], bins.confidence[filled] - bins.accuracy[filled], bottom=bins.accuracy[filled],
-               width=width * 0.9, color="tab:red", alpha=0.35, label="gap to mean confidence")
+    ax_rel.plot(centres[filled], bins.confidence[filled], "_", color="tab:red", markersize=14, markeredgewidth=2.5,
+                label="mean confidence in bin")
     ax_rel.plot([0, 1], [0, 1], color="grey", linestyle=":", label="perfect calibration")
-    for x, count, acc in zip(centres[filled], bins.counts[filled], bins.accuracy[filled], strict=True):
-        ax_rel.text(x, min(acc, 0.97) + 0.01, str(int(count)), ha="center", fontsize=7, rotation=90)
+    for x, count in zip(centres[filled], bins.counts[filled], strict=True):
+        ax_rel.text(x, 0.02, str(int(count)), ha="center", fontsize=7, rotation=90)
     ax_rel.set(xlim=(0, 1), ylim=(0, 1.05), xlabel="confidence (top served probability)", ylabel="accuracy",
-               title=f"Reliability ({len(centres)} bins): ECE {bins.ece:.4f}")
+               title=f"Reliability ({len(centres)} bins; digits per bin at the bottom): ECE {bins.ece:.4f}")
     ax_rel.legend(loc="upper left")
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -150,20 +150,29 @@ def plot_evaluation(matrix: np.ndarray, labels: Sequence[str], bins: Any, path: 
 
 def plot_coverage(curves: Mapping[str, tuple[np.ndarray, np.ndarray, tuple[float, float] | None]],
                   path: str | Path, title: str) -> Path:
-    """Coverage-vs-accuracy curves: per set, (coverage, accuracy, the rule's operating point or None)."""
+    """Coverage-vs-accuracy curves: per set, (coverage, accuracy, the rule's operating point or None).
+
+    The first set (the real digits alone) gets the left panel, on its own scale; the others (digits
+    mixed with non-digits, which are never right) the right one.
+    """
     plt = _pyplot()
     path = Path(path)
-    fig, ax = plt.subplots(figsize=(7.5, 5.5), constrained_layout=True)
-    for name, (coverage, accuracy, point) in curves.items():
-        (line,) = ax.plot(coverage, accuracy, label=name)
-        if point is not None:
-            ax.plot(*point, "o", color=line.get_color())
-    low = min(float(np.min(a)) for _, a, _ in curves.values()) if curves else 0.0
-    ax.set(xlabel="coverage (share of inputs accepted, most confident first)",
-           ylabel="accuracy of the accepted (a non-digit is never right)", title=title,
-           xlim=(0, 1.01), ylim=(max(0.0, low - 0.02), 1.002))
-    ax.grid(True, alpha=0.3)
-    ax.legend(loc="lower left", fontsize=8)
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5.2), constrained_layout=True)
+    items = list(curves.items())
+    for ax, group in ((axes[0], items[:1]), (axes[1], items[1:])):
+        for name, (coverage, accuracy, point) in group:
+            (line,) = ax.plot(coverage, accuracy, label=name)
+            if point is not None:
+                ax.plot(*point, "o", color=line.get_color())
+        low = min((float(np.min(a)) for _, (_, a, _) in group), default=0.0)
+        ax.set(xlabel="coverage (share of inputs accepted, most confident first)", xlim=(0, 1.01),
+               ylim=(max(0.0, low - (1 - low) * 0.1), 1 + (1 - low) * 0.02))
+        ax.grid(True, alpha=0.3)
+        if group:
+            ax.legend(loc="lower left", fontsize=8)
+    axes[0].set(ylabel="accuracy of the accepted digits", title="real digits")
+    axes[1].set(ylabel="accuracy of the accepted (a non-digit is never right)", title="digits mixed with non-digits")
+    fig.suptitle(title)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
