@@ -22,7 +22,15 @@ import numpy as np
 from training.data import stratified_folds
 from training.recipe.config import TrainConfig
 from training.synth.clientstyle import client_style
-from training.synth.negatives import EVAL_KINDS, TRAIN_KINDS, Negatives, eval_counts, generate, training_counts
+from training.synth.negatives import (
+    EVAL_KINDS,
+    MADE_OF_DIGITS,
+    TRAIN_KINDS,
+    Negatives,
+    eval_counts,
+    generate,
+    training_counts,
+)
 
 NEGATIVES_PER_KIND = 300
 """Validation and measuring negatives of each kind (fewer for small data: one per 20 pool digits)."""
@@ -81,10 +89,8 @@ class TaskResult:
 
 
 def digit_kinds(kinds: Iterable[str]) -> list[str]:
-    """The negative kinds made of real digits."""
-    from training.recipe.loop import DIGIT_KINDS
-
-    return [kind for kind in kinds if kind in DIGIT_KINDS or kind == "digit_strings"]
+    """The negative kinds made of real digits (made per task, from that task's own digits)."""
+    return [kind for kind in kinds if kind in MADE_OF_DIGITS]
 
 
 def prepare_shared(config: TrainConfig, images: np.ndarray, labels: np.ndarray, model_dir: Path,

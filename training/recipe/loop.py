@@ -29,9 +29,6 @@ from training.recipe.config import TrainConfig, learning_rate
 from training.synth.clientstyle import TRAIN_RENDER_SEED, client_style
 from training.synth.negatives import NEGATIVES_TRAIN_SEED, generate, training_counts
 
-DIGIT_KINDS = ("digit_groups",)
-"""Negative kinds made of real digits: always made from the digits a model trains on (or is measured on)."""
-
 
 def configure_torch(seed: int, threads: int = 0) -> None:
     """Seed torch, demand deterministic kernels, and use `threads` CPUs (0: all this process may use)."""

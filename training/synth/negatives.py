@@ -331,6 +331,8 @@ EVAL_KINDS: dict[str, Maker] = {
 # Share of each training kind in a generated set (letters and symbols most: what clients will send).
 TRAIN_MIX = {"strokes": 0.12, "shapes": 0.12, "scribbles": 0.1, "blobs": 0.08, "letters": 0.24, "symbols": 0.14,
              "digit_groups": 0.12, "textures": 0.08}
+MADE_OF_DIGITS = frozenset({"digit_groups", "digit_strings"})
+"""Kinds made of real digits: always from the digits a model trains on (or is measured on), never others."""
 _KIND_IDS = {name: i for i, name in enumerate([*TRAIN_KINDS, *EVAL_KINDS])}
 
 
