@@ -74,6 +74,7 @@ def short_run(tmp_path_factory: pytest.TempPathFactory) -> Any:
         val_size=100,
         progress=False,
         command="digits train (test run)",
+        threads=1,  # the CPUs are shared with the other tests: more threads only fight over them
     )
     return train(config, log=lambda _: None)
 

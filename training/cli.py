@@ -68,16 +68,38 @@ def _guarded(command: str, handler: Callable[[argparse.Namespace], int]) -> Call
     return run
 
 
+# Options whose values are paths: recorded relative to the repository, so a model says the same wherever made.
+_PATH_OPTIONS = {"data_dir", "out_dir", "resume", "model_out", "checkpoint", "out"}
+
+
 def _command_line(command: str, args: argparse.Namespace, options: dict[str, str]) -> str:
     """The canonical `digits ...` line for the options that matter, to record in the model."""
+    from training.data import display_path
+
     parts = ["digits", command]
     for dest, flag in options.items():
         value = getattr(args, dest)
         if value is True:
             parts.append(flag)
-        elif value not in (None, False):
-            parts += [flag, str(value)]
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                parts += [flag, display_path(item)]  # the only list options are directories
+        elif value is not None and value is not False:  # not `in (None, False)`: 0 == False would drop zeros
+            parts += [flag, display_path(value) if dest in _PATH_OPTIONS else str(value)]
     return shlex.join(parts)
+
+
+# `digits train` flag -> TrainConfig field, for every recipe setting (all recorded in the model's command).
+RECIPE_FLAGS = {
+    "epochs": "--epochs", "seed": "--seed", "lr": "--lr", "lr_schedule": "--lr-schedule",
+    "batch_size": "--batch-size", "rotation_deg": "--rotation", "scale": "--scale", "shear": "--shear",
+    "shift_px": "--shift", "elastic_alpha": "--elastic-alpha", "elastic_sigma": "--elastic-sigma",
+    "elastic_probability": "--elastic-probability",
+    "label_smoothing": "--label-smoothing", "ema_decay": "--ema", "client_style": "--client-style",
+    "client_variants": "--client-variants", "oe_weight": "--oe-weight", "oe_per_digit": "--oe-per-digit",
+    "oe_batch": "--oe-batch", "teachers": "--teachers", "distill_weight": "--distill-weight",
+    "distill_temperature": "--distill-temperature", "teachers_from": "--teachers-from",
+}
 
 
 # --- handlers --------------------------------------------------------------------------------------
@@ -91,47 +113,50 @@ def _train(args: argparse.Namespace) -> int:
     from training.export import export_checkpoint
     from training.train import TrainConfig, train
 
-    command = _command_line(
-        "train",
-        args,
-        {
-            "data_dir": "--data-dir",
-            "out_dir": "--out-dir",
-            "epochs": "--epochs",
-            "seed": "--seed",
-            "no_augment": "--no-augment",
-            "lr_schedule": "--lr-schedule",
-            "val_size": "--val-size",
-            "test_size": "--test-size",
-            "resume": "--resume",
-            "model_out": "--model-out",
-            "version": "--version",
-        },
-    )
+    options = {"data_dir": "--data-dir", "out_dir": "--out-dir", **RECIPE_FLAGS, "no_augment": "--no-augment"}
+    if args.cv:
+        options.update({"cv": "--cv", "cv_only": "--cv-only", "test_size": "--test-size"})
+    else:
+        options.update({"val_size": "--val-size", "test_size": "--test-size", "resume": "--resume"})
+    options.update({"model_out": "--model-out", "version": "--version"})
+    command = _command_line("train", args, options)
     config = TrainConfig(
         data_dir=Path(args.data_dir),
         out_dir=Path(args.out_dir),
-        epochs=args.epochs,
-        seed=args.seed,
         augment=not args.no_augment,
-        lr_schedule=args.lr_schedule,
         val_size=args.val_size,
         test_size=args.test_size,
         resume=Path(args.resume) if args.resume else None,
         threads=args.threads,
         command=command,
+        **{dest: getattr(args, dest) for dest in RECIPE_FLAGS if dest != "teachers_from"},
+        teachers_from=tuple(args.teachers_from or ()),
     )
-    result = train(config)
     model_out = Path(args.model_out) if args.model_out else config.out_dir / "lenet5.onnx"
-    exported = export_checkpoint(result.best_checkpoint, model_out, version=args.version, command=command)
-    curves = model_out.parent / "training-curves.png"
-    if curves.resolve() != (config.out_dir / "training-curves.png").resolve():
-        shutil.copyfile(config.out_dir / "training-curves.png", curves)
+    if args.cv:
+        from training.recipe.crossval import default_jobs
+        from training.recipe.pipeline import fold_summary, run_pipeline
+
+        if args.resume:
+            return _fail("train", "--resume continues a single run; it does not combine with --cv")
+        result = run_pipeline(config, args.cv, args.jobs or default_jobs(), cv_only=args.cv_only)
+        print(fold_summary(result.report))
+        print(f"report: {result.report_path}")
+        if result.checkpoint is None:
+            return 0
+        checkpoint = result.checkpoint
+    else:
+        checkpoint = train(config).best_checkpoint
+    exported = export_checkpoint(checkpoint, model_out, version=args.version, command=command)
+    curves = config.out_dir / "training-curves.png"
+    if curves.is_file() and (model_out.parent / curves.name).resolve() != curves.resolve():
+        shutil.copyfile(curves, model_out.parent / curves.name)
     print(
         f"wrote {exported.path} (sha256 {exported.sha256[:12]}..., parity max diff "
         f"{exported.parity_max_diff:.2g}) and {exported.card_path}"
     )
-    print(f"measure it: digits evaluate --model {model_out} --data-dir {config.out_dir / 'heldout'}")
+    heldout = config.out_dir / "heldout"
+    print(f"measure it: digits evaluate --model {model_out} --data-dir {heldout}")
     return 0
 
 
@@ -173,25 +198,35 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from training.evaluate import evaluate, format_report
+    from training.evaluate import coverage_curves, evaluate, format_report, load_model
 
-    if args.plot:
+    if args.plot or args.curve:
         try:
             import matplotlib  # noqa: F401
         except ImportError:
-            return _fail("evaluate", "--plot needs matplotlib: pip install matplotlib", 2)
-    report = evaluate(args.model, args.data_dir, args.split, args.batch_size)
+            return _fail("evaluate", "--plot and --curve need matplotlib: pip install matplotlib", 2)
+    report = evaluate(args.model, args.data_dir, args.split, args.batch_size, client_style=args.client_style,
+                      synthetic_negatives=args.negatives, fashion_mnist=args.fashion_mnist)
     if args.plot:
-        from training.plots import plot_confusion_matrix
+        from training.plots import plot_evaluation
 
         title = f"{report.model_name} {report.model_version}: {report.split} accuracy {report.accuracy:.2%}"
-        plot_confusion_matrix(report.confusion_matrix, [c.label for c in report.per_class], args.plot, title)
+        plot_evaluation(report.confusion_matrix, [c.label for c in report.per_class], report.calibration,
+                        args.plot, title)
+    if args.curve:
+        from training.plots import plot_coverage
+
+        _, metadata = load_model(args.model)
+        plot_coverage(coverage_curves(report, metadata), args.curve,
+                      f"{report.model_name} {report.model_version}: coverage vs accuracy (dots: the model's rule)")
     if args.json:
         print(json.dumps(report.to_json()))
     else:
         print(format_report(report))
         if args.plot:
-            print(f"\nconfusion matrix plot: {args.plot}")
+            print(f"\nconfusion matrix and reliability diagram: {args.plot}")
+        if args.curve:
+            print(f"coverage-vs-accuracy curves: {args.curve}")
     return 0
 
 
@@ -221,21 +256,51 @@ def register(subparsers: Any) -> None:
     )
     train.add_argument("--data-dir", required=True, help="directory with train-*[.gz] (and t10k-*) IDX files")
     train.add_argument("--out-dir", required=True, help="run directory: checkpoints, metrics, held-out digits")
-    train.add_argument("--epochs", type=_positive_int, default=40, help="number of epochs (default 40)")
-    train.add_argument("--seed", type=int, default=1, help="seed for init, shuffling, augmentation (default 1)")
-    train.add_argument("--no-augment", action="store_true", help="disable the random rotation/shift/scale")
-    train.add_argument(
-        "--lr-schedule",
-        choices=("cosine", "constant"),
-        default="cosine",
-        help="Adam learning rate 1e-3, decayed by cosine (default) or constant",
-    )
+    recipe = train.add_argument_group("recipe (defaults: the shipped model's; docs/training.md measures each)")
+    recipe.add_argument("--epochs", type=_positive_int, default=80, help="number of epochs (default 80)")
+    recipe.add_argument("--seed", type=int, default=1, help="seed for init, shuffling, augmentation (default 1)")
+    recipe.add_argument("--lr", type=float, default=3e-3, help="Adam learning rate; the peak for onecycle (3e-3)")
+    recipe.add_argument("--lr-schedule", choices=("onecycle", "cosine", "constant"), default="onecycle",
+                        help="onecycle (default: warm-up to --lr over 30%%, cosine down), cosine decay, or constant")
+    recipe.add_argument("--batch-size", type=_positive_int, default=128, help="digits per batch (default 128)")
+    recipe.add_argument("--no-augment", action="store_true", help="disable the random distortions")
+    recipe.add_argument("--rotation", dest="rotation_deg", type=float, default=12.0,
+                        help="max rotation in degrees (default 12)")
+    recipe.add_argument("--scale", type=float, default=0.12, help="max relative scale change (default 0.12)")
+    recipe.add_argument("--shear", type=float, default=0.15, help="max shear (default 0.15)")
+    recipe.add_argument("--shift", dest="shift_px", type=float, default=3.36,
+                        help="max shift in pixels (default 3.36: 12%% of 28)")
+    recipe.add_argument("--elastic-alpha", type=float, default=0.0, help="elastic distortion strength in pixels "
+                        "(Simard: 34; default 0: off)")
+    recipe.add_argument("--elastic-sigma", type=float, default=4.0, help="elastic smoothing in pixels (default 4)")
+    recipe.add_argument("--elastic-probability", type=float, default=0.5, help="share of images distorted (0.5)")
+    recipe.add_argument("--label-smoothing", type=float, default=0.05, help="label smoothing (default 0.05)")
+    recipe.add_argument("--ema", dest="ema_decay", type=float, default=0.998,
+                        help="EMA decay of the weights per step (0: off; default 0.998)")
+    recipe.add_argument("--client-style", type=float, default=0.5, help="share of digits shown as clients send "
+                        "them, through the server's recipe (default 0.5)")
+    recipe.add_argument("--client-variants", type=_positive_int, default=2, help="renders per digit (default 2)")
+    recipe.add_argument("--oe-weight", type=float, default=0.5, help="outlier-exposure loss weight (0: off; 0.5)")
+    recipe.add_argument("--oe-per-digit", type=float, default=3.0, help="generated negatives per digit (default 3)")
+    recipe.add_argument("--oe-batch", type=_positive_int, default=64, help="negatives per batch (default 64)")
+    recipe.add_argument("--teachers", type=int, default=0, help="distil from this many LeNet-5 teachers (0: off)")
+    recipe.add_argument("--distill-weight", type=float, default=0.5, help="share of the KD loss (default 0.5)")
+    recipe.add_argument("--distill-temperature", type=float, default=2.0, help="KD temperature (default 2)")
+    recipe.add_argument("--teachers-from", action="append", metavar="RUN_DIR",
+                        help="with --cv: also distil from the same-named models of an earlier --cv run on the same "
+                        "folds (repeatable)")
+    train.add_argument("--cv", type=int, default=0, metavar="K", help="k-fold cross-validate the recipe on all but "
+                       "the test digits, then train the final model on them, calibrate and choose thresholds on "
+                       "the out-of-fold outputs, and measure it on the test digits (default 0: one run with a "
+                       "validation part)")
+    train.add_argument("--cv-only", action="store_true", help="with --cv: stop after cross-validation")
+    train.add_argument("--jobs", type=int, default=0, help="with --cv: parallel trainings (default 0: one per CPU)")
     train.add_argument("--val-size", type=_positive_int, default=1000, help="validation digits (default 1000)")
     train.add_argument(
         "--test-size",
-        type=_positive_int,
+        type=int,
         default=1000,
-        help="test digits held out when the data dir has no t10k-* files (default 1000)",
+        help="test digits held out when the data dir has no t10k-* files (default 1000; with --cv, 0 trains on all)",
     )
     train.add_argument("--resume", metavar="CKPT", help="continue from a checkpoint (e.g. OUT_DIR/last.pt)")
     train.add_argument("--model-out", metavar="PATH.onnx", help="where to export (default OUT_DIR/lenet5.onnx)")
@@ -247,7 +312,7 @@ def register(subparsers: Any) -> None:
 
     evaluate = subparsers.add_parser(
         "evaluate",
-        help="accuracy, per-class figures and confusion matrix of an ONNX model on IDX digits",
+        help="accuracy, calibration, rejection, per-class figures and confusion matrix of an ONNX model",
         description="Run an exported model with onnxruntime (no torch needed) on a split of an IDX data dir.",
     )
     evaluate.add_argument("--model", default=DEFAULT_MODEL, help=f"ONNX model (default {DEFAULT_MODEL})")
@@ -259,7 +324,17 @@ def register(subparsers: Any) -> None:
         help="test = t10k-* files (default), train = train-* files",
     )
     evaluate.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
-    evaluate.add_argument("--plot", metavar="FILE.png", help="also draw the confusion matrix")
+    evaluate.add_argument("--plot", metavar="FILE.png",
+                          help="also draw the confusion matrix and, next to it, the reliability diagram")
+    evaluate.add_argument("--client-style", action="store_true",
+                          help="send each digit as a client would (black on white, any size, PNG/JPEG/BMP) through "
+                          "the server's recipe first")
+    evaluate.add_argument("--negatives", type=int, default=0, metavar="N",
+                          help="also measure rejection on N generated non-digits of each kind training never draws")
+    evaluate.add_argument("--fashion-mnist", metavar="DIR",
+                          help="also measure rejection on Fashion-MNIST's t10k-* files in DIR (raw and client-style)")
+    evaluate.add_argument("--curve", metavar="FILE.png",
+                          help="draw coverage-vs-accuracy curves (digits, and digits mixed with each non-digit set)")
     evaluate.add_argument("--batch-size", type=_positive_int, default=1000, help="inference batch (default 1000)")
     evaluate.set_defaults(func=_guarded("evaluate", _evaluate))
 

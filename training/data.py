@@ -7,8 +7,11 @@ Nothing here imports torch, so `digits evaluate` works on a server install.
 
 from __future__ import annotations
 
+import functools
 import gzip
 import hashlib
+import os
+import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,6 +65,23 @@ class Digits:
             source=f"{self.source} {description}",
             sha256=self.sha256,
         )
+
+
+@functools.cache
+def _root() -> Path:
+    """The repository the command runs in (git's top level of the working directory), else the directory."""
+    try:
+        done = subprocess.run(["git", "rev-parse", "--show-toplevel"], capture_output=True, text=True, timeout=10,
+                              check=False)
+    except (OSError, subprocess.SubprocessError):
+        return Path.cwd()
+    return Path(done.stdout.strip()) if done.returncode == 0 and done.stdout.strip() else Path.cwd()
+
+
+def display_path(path: str | Path) -> str:
+    """`path` relative to the repository (e.g. ``../shared/data/mnist-sample``), for what a model records:
+    the same command then reads the same on every checkout."""
+    return os.path.relpath(Path(path).resolve(), _root().resolve())
 
 
 # --- reading ---------------------------------------------------------------------------------------
@@ -172,7 +192,7 @@ def load_split(data_dir: str | Path, split: str) -> Digits:
     return Digits(
         images=images,
         labels=labels,
-        source=f"{images_path.name}+{labels_path.name} in {images_path.parent}",
+        source=f"{images_path.name}+{labels_path.name} in {display_path(images_path.parent)}",
         sha256={path.name: file_sha256(path) for path in (images_path, labels_path)},
     )
 
@@ -230,6 +250,44 @@ def stratified_holdout(labels: np.ndarray, sizes: Sequence[int], seed: int = SPL
             start += int(quota[cls])
         parts[-1].append(members[start:])
     return tuple(np.sort(np.concatenate(chunks)) for chunks in parts)
+
+
+FIRST_DRAW = 1000
+"""Size of the first (validation) draw of the first shipped model's split, kept so that `cv_split`
+holds out the same test digits as that split did (the fixture's t10k digits are among them)."""
+
+
+def cv_split(labels: np.ndarray, test_size: int, seed: int = SPLIT_SEED) -> tuple[np.ndarray, np.ndarray]:
+    """(test, pool): the digits held out for one final measurement, and all the others (for k-fold).
+
+    The test part is the second draw of ``stratified_holdout(labels, [1000, test_size], seed)``; the first
+    draw goes back into the pool. On the 8,000-digit sample with the default seed and 1,000 test digits
+    these are exactly the test digits of the first shipped model. `test_size` 0: everything is pool.
+    """
+    if test_size <= 0:
+        return np.zeros(0, np.int64), np.arange(len(labels))
+    first, test, rest = stratified_holdout(labels, [min(FIRST_DRAW, len(labels) - test_size), test_size], seed)
+    return test, np.sort(np.concatenate([first, rest]))
+
+
+def stratified_folds(labels: np.ndarray, folds: int, seed: int = SPLIT_SEED) -> tuple[np.ndarray, ...]:
+    """`folds` disjoint sorted index arrays covering `labels`, each class dealt out in turn.
+
+    The digits of each class are taken in the order of ``numpy.random.default_rng(seed).permutation`` and
+    dealt to the folds round-robin, each class starting where the previous one stopped, so that fold
+    sizes differ by at most one and every fold has each class in proportion.
+    """
+    labels = np.asarray(labels)
+    if folds < 2 or folds > len(labels):
+        raise DataError(f"cannot make {folds} folds of {len(labels)} digits")
+    order = np.random.default_rng(seed).permutation(labels.shape[0])
+    fold_of = np.empty(labels.shape[0], dtype=np.int64)
+    start = 0
+    for cls in range(NUM_CLASSES):
+        members = order[labels[order] == cls]
+        fold_of[members] = (start + np.arange(members.size)) % folds
+        start = (start + members.size) % folds
+    return tuple(np.flatnonzero(fold_of == fold) for fold in range(folds))
 
 
 @dataclass(frozen=True)

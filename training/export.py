@@ -1,9 +1,9 @@
 """Checkpoint -> self-contained ONNX model with the serving metadata, verified, plus its model card.
 
-The steps are separate functions so that later variants slot in without touching the others: a
-``--quantize int8`` option would add a step between `write_onnx` and `verify_parity` (quantize the float
-file with onnxruntime.quantization, calibrated on the parity digits) and compare predictions there
-with a looser, label-level tolerance.
+The graph's `probabilities` are ``softmax(logits / T)`` with the temperature T the checkpoint carries
+(fitted on held-out digits by `digits train`); its rejection rule goes into the metadata as it is.
+The steps are separate functions so that variants slot in without touching the others
+(`training.quantize` adds int8 quantization after `write_onnx`).
 """
 
 from __future__ import annotations
@@ -28,8 +28,10 @@ from service.recognition.model_metadata import (
     INPUT_NAME,
     LOGITS_OUTPUT,
     PROBABILITIES_OUTPUT,
+    Calibration,
     ModelMetadata,
     Normalization,
+    Rejection,
 )
 from service.recognition.preprocess import normalize
 from training.model import ExportModule, LeNet5, count_parameters
@@ -78,6 +80,7 @@ def build_metadata(checkpoint: Mapping[str, Any], version: str, command: str, op
     """The serving contract plus provenance, from what the checkpoint recorded about its run."""
     norm = checkpoint["normalization"]
     data = checkpoint["data"]
+    config = checkpoint["config"]
     test_acc = checkpoint.get("test_accuracy")
     extra = {
         "training_data": data["training_data"],
@@ -95,22 +98,32 @@ def build_metadata(checkpoint: Mapping[str, Any], version: str, command: str, op
         "seed": str(checkpoint["seed"]),
         "epochs": str(checkpoint["epoch"]),
         "best_epoch": str(checkpoint["best_epoch"]),
-        "augmentation": "on" if checkpoint["config"].get("augment") else "off",
-        "lr_schedule": str(checkpoint["config"].get("lr_schedule")),
+        "augmentation": "on" if config.get("augment") else "off",
+        "lr_schedule": str(config.get("lr_schedule")),
+        "recipe": json.dumps({k: v for k, v in config.items() if k not in _NOT_RECIPE}, sort_keys=True),
         "command": command,
+        **{str(k): str(v) for k, v in checkpoint.get("figures", {}).items()},
     }
     return ModelMetadata(
         name=MODEL_NAME,
         version=version,
         normalization=Normalization(scale=norm["scale"], mean=norm["mean"], std=norm["std"]),
         labels=LABELS,
+        rejection=Rejection.from_json(checkpoint["rejection"]) if checkpoint.get("rejection") else None,
+        calibration=Calibration.from_json(checkpoint["calibration"]) if checkpoint.get("calibration") else None,
         extra=extra,
     )
 
 
-def write_onnx(model: torch.nn.Module, path: Path, props: Mapping[str, str], opset: int = OPSET) -> None:
-    """Export `model` (+softmax) with a dynamic batch, attach `props`, check it and save it as ONE file."""
-    wrapper = ExportModule(model).eval()
+# Run bookkeeping, not recipe: left out of the metadata's `recipe` (paths would make it machine-specific).
+_NOT_RECIPE = {"data_dir", "out_dir", "resume", "threads", "command", "progress"}
+
+
+def write_onnx(model: torch.nn.Module, path: Path, props: Mapping[str, str], opset: int = OPSET,
+               temperature: float = 1.0) -> None:
+    """Export `model` (+softmax of logits / temperature) with a dynamic batch, attach `props`, check it and
+    save it as ONE file."""
+    wrapper = ExportModule(model, temperature).eval()
     example = torch.zeros(2, 1, 28, 28)
     exporter_log = logging.getLogger("torch.onnx")
     level = exporter_log.level
@@ -163,14 +176,14 @@ def check_parity(expected: np.ndarray, actual: np.ndarray, tolerance: float = PA
     return worst
 
 
-def verify_parity(model: torch.nn.Module, path: Path, pixels: np.ndarray) -> float:
+def verify_parity(model: torch.nn.Module, path: Path, pixels: np.ndarray, temperature: float = 1.0) -> float:
     """Run real digits through PyTorch and through onnxruntime (with the file's own metadata) and compare."""
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     metadata = ModelMetadata.from_props(session.get_modelmeta().custom_metadata_map)
     inputs = normalize(pixels, metadata.normalization)
     logits, probabilities = session.run([LOGITS_OUTPUT, PROBABILITIES_OUTPUT], {metadata.input_name: inputs})
     with torch.no_grad():
-        ref_logits, ref_probabilities = ExportModule(model).eval()(torch.from_numpy(inputs))
+        ref_logits, ref_probabilities = ExportModule(model, temperature).eval()(torch.from_numpy(inputs))
     check_parity(ref_logits.numpy(), logits, tolerance=1e-4)  # logits are unbounded: looser absolute bound
     return check_parity(ref_probabilities.numpy(), probabilities)
 
@@ -196,8 +209,12 @@ def write_model_card(
             "validation": extra.get("val_accuracy"),
             "validation_split": extra.get("validation_split"),
             "test": extra.get("test_accuracy"),
+            "test_wilson95": json.loads(extra["test_accuracy_wilson95"]) if "test_accuracy_wilson95" in extra else None,
             "test_split": extra.get("test_split"),
+            "cross_validated": extra.get("cv_accuracy"),
         },
+        "calibration": json.loads(metadata.calibration.to_json()) if metadata.calibration else None,
+        "rejection": json.loads(metadata.rejection.to_json()) if metadata.rejection else None,
         "parity": {
             "digits": parity_count,
             "max_abs_diff_probabilities": parity_max_diff,
@@ -230,12 +247,13 @@ def export_checkpoint(
     model.eval()
     out = Path(out)
     metadata = build_metadata(checkpoint, version, command, opset)
-    write_onnx(model, out, metadata.to_props(), opset)
+    temperature = metadata.calibration.temperature if metadata.calibration is not None else 1.0
+    write_onnx(model, out, metadata.to_props(), opset, temperature)
     if parity_pixels is None:
         parity_pixels = checkpoint["parity_images"].numpy()
     assert parity_pixels is not None
     try:
-        diff = verify_parity(model, out, parity_pixels)
+        diff = verify_parity(model, out, parity_pixels, temperature)
     except ExportError:
         out.unlink(missing_ok=True)  # never leave a model behind that failed verification
         raise

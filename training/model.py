@@ -40,16 +40,25 @@ class LeNet5(nn.Module):
 
 
 class ExportModule(nn.Module):
-    """What goes into the ONNX graph: the network plus softmax, so servers get both outputs."""
+    """What goes into the ONNX graph: the network plus the calibrated softmax, so servers get both outputs.
 
-    def __init__(self, model: nn.Module) -> None:
+    `logits` stay the network's raw output; `probabilities` are ``softmax(logits / temperature)`` with
+    the temperature fitted on held-out digits (1.0: uncalibrated). The server does not apply it again.
+    """
+
+    def __init__(self, model: nn.Module, temperature: float = 1.0) -> None:
         super().__init__()
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
         self.model = model
+        self.temperature = float(temperature)
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(logits, probabilities), both [N, 10]."""
         logits = self.model(image)
-        return logits, torch.softmax(logits, dim=1)
+        if self.temperature == 1.0:
+            return logits, torch.softmax(logits, dim=1)
+        return logits, torch.softmax(logits / self.temperature, dim=1)
 
 
 def count_parameters(model: nn.Module) -> int:

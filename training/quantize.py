@@ -171,6 +171,7 @@ def calibration_digits(checkpoint: dict[str, Any], data_dir: str | None) -> tupl
 
 def run_export_quantized(args: argparse.Namespace, command: str) -> int:
     """`digits export --quantize int8`: export the checkpoint to float ONNX, quantize it to --out."""
+    from training.data import display_path
     from training.evaluate import evaluate
     from training.export import export_checkpoint
     from training.train import load_checkpoint
@@ -200,7 +201,8 @@ def run_export_quantized(args: argparse.Namespace, command: str) -> int:
     card.write_text(json.dumps({
         "model": out.name, "sha256": _sha256(out), "size_bytes": out.stat().st_size,
         "name": result.metadata.name, "version": result.metadata.version,
-        "accuracy": {"heldout": str(heldout) if figures else None, **{k: round(v, 4) for k, v in figures.items()}},
+        "accuracy": {"heldout": display_path(heldout) if figures else None,
+                     **{k: round(v, 4) for k, v in figures.items()}},
         "agreement_with_float": {"digits": result.check_digits, "same_class": result.agreement,
                                  "max_abs_diff_probabilities": result.max_probability_diff},
         "reproduce": command, "metadata": result.metadata.to_props()}, indent=2) + "\n")

@@ -1,66 +1,45 @@
-"""Training loop: Adam, light augmentation, best-on-validation checkpoints, exact resume, metrics log.
+"""`digits train` without --cv: one run with a validation part, best-on-validation checkpoints, exact
+resume, a metrics log; at the end, calibration and rejection thresholds fitted on the validation part.
 
 Repeatability on CPU: one seed drives the weight init (torch.manual_seed) and a dedicated generator
 drives shuffling and augmentation; deterministic algorithms are enforced. The generator state is saved
 in every checkpoint, so "2 epochs" and "1 epoch, then --resume for 1 more" give identical weights.
+The batches themselves (augmentation, client-style digits, negatives, EMA) are `training.recipe.loop`'s.
 """
 
 from __future__ import annotations
 
 import json
-import math
-import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
-from service.recognition.preprocess import normalize
-from training.augment import AffineAugment
-from training.data import NORMALIZATION, SPLIT_SEED, Digits, Splits, prepare_splits, write_split
-from training.model import LeNet5
+from service.recognition.model_metadata import Calibration, Rejection
+from training.data import NORMALIZATION, Digits, Splits, prepare_splits, write_split
 from training.plots import plot_training_curves
+from training.recipe.config import CHECKPOINT_FORMAT, LR_SCHEDULES, PARITY_DIGITS, TrainConfig, learning_rate
+from training.recipe.loop import (
+    as_input,
+    build_augment,
+    build_training_set,
+    configure_torch,
+    fit,
+    logits_of,
+    new_model,
+    train_epoch,
+)
 
-CHECKPOINT_FORMAT = 1
-PARITY_DIGITS = 256
-LR_SCHEDULES = ("cosine", "constant")
+__all__ = ["LR_SCHEDULES", "TrainConfig", "TrainError", "TrainResult", "learning_rate", "load_checkpoint", "train"]
 
 
 class TrainError(RuntimeError):
     """A run cannot start or continue (e.g. resuming a checkpoint made on different data)."""
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Everything that determines a run; stored in the checkpoint as plain values."""
-
-    data_dir: Path
-    out_dir: Path
-    epochs: int = 40
-    seed: int = 1
-    augment: bool = True
-    lr: float = 1e-3
-    lr_schedule: str = "cosine"
-    batch_size: int = 128
-    val_size: int = 1000
-    test_size: int = 1000
-    split_seed: int = SPLIT_SEED
-    resume: Path | None = None
-    threads: int = 0
-    """torch CPU threads; 0 = every CPU this process may use."""
-    command: str = ""
-    """The `digits train ...` line that started the run, recorded in the exported model."""
-    progress: bool = True
-    """Show the tqdm bar (it hides itself anyway when stderr is not a terminal)."""
-
-    def to_dict(self) -> dict[str, Any]:
-        return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self).items()}
 
 
 @dataclass
@@ -76,27 +55,9 @@ class TrainResult:
     history: list[dict[str, float]] = field(default_factory=list)
 
 
-def configure_torch(seed: int, threads: int = 0) -> None:
-    """Seed torch, demand deterministic kernels, and use `threads` CPUs (0: all this process may use)."""
-    torch.manual_seed(seed)
-    torch.use_deterministic_algorithms(True)
-    if threads <= 0:
-        # The affinity mask, not os.cpu_count(): containers and taskset often allow fewer CPUs.
-        threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    torch.set_num_threads(max(1, threads))
-
-
 def to_tensors(digits: Digits) -> tuple[torch.Tensor, torch.Tensor]:
     """Model input (the server's own normalize, with the normalization written into the model) and labels."""
-    images = torch.from_numpy(normalize(digits.images, NORMALIZATION))
-    return images, torch.from_numpy(digits.labels.astype(np.int64))
-
-
-def learning_rate(config: TrainConfig, epoch: int) -> float:
-    """Learning rate for 1-based `epoch`: Adam's 1e-3 start, then cosine decay to 0 over the run."""
-    if config.lr_schedule == "constant":
-        return config.lr
-    return config.lr * 0.5 * (1 + math.cos(math.pi * (epoch - 1) / config.epochs))
+    return as_input(digits.images), torch.from_numpy(digits.labels.astype(np.int64))
 
 
 @torch.no_grad()
@@ -111,39 +72,6 @@ def measure(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor) 
         correct += int((logits.argmax(1) == target).sum())
     count = max(1, images.shape[0])
     return loss_sum / count, correct / count
-
-
-def train_epoch(
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    images: torch.Tensor,
-    labels: torch.Tensor,
-    config: TrainConfig,
-    generator: torch.Generator,
-    augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None,
-    description: str,
-) -> tuple[float, float]:
-    """One pass over the shuffled training set; returns (mean loss, accuracy) on the augmented batches."""
-    model.train()
-    order = torch.randperm(images.shape[0], generator=generator)
-    starts = range(0, images.shape[0], config.batch_size)
-    bar = tqdm(starts, desc=description, unit="batch", leave=False, disable=None if config.progress else True)
-    loss_sum, correct, seen = 0.0, 0, 0
-    for start in bar:
-        batch = order[start : start + config.batch_size]
-        inputs, target = images[batch], labels[batch]
-        if augment is not None:
-            inputs = augment(inputs, generator)
-        logits = model(inputs)
-        loss = F.cross_entropy(logits, target)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        loss_sum += float(loss.detach()) * target.shape[0]
-        correct += int((logits.argmax(1) == target).sum())
-        seen += target.shape[0]
-        bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.4f}")
-    return loss_sum / seen, correct / seen
 
 
 def _data_record(splits: Splits) -> dict[str, Any]:
@@ -209,12 +137,12 @@ def train(config: TrainConfig, log: Callable[[str], None] = print) -> TrainResul
         f"from {config.data_dir}; held-out test files in {out_dir / 'heldout'}"
     )
 
-    train_x, train_y = to_tensors(splits.train)
+    train_set = build_training_set(config, splits.train.images, splits.train.labels, np.arange(len(splits.train)))
     val_x, val_y = to_tensors(splits.val)
-    model = LeNet5()
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
-    generator = torch.Generator().manual_seed(config.seed)
-    augment = AffineAugment(background=-NORMALIZATION.mean / NORMALIZATION.std) if config.augment else None
+    teachers = [fit(config, train_set, config.seed * 100 + 10 * j, name=f"teacher {j}")[0]
+                for j in range(1, config.teachers + 1)]
+    model, optimizer, generator, ema = new_model(config, config.seed)
+    augment = build_augment(config)
     history: list[dict[str, float]] = []
     best_val_acc, best_epoch, start_epoch = -1.0, 0, 1
     best_path, last_path = out_dir / "best.pt", out_dir / "last.pt"
@@ -224,9 +152,11 @@ def train(config: TrainConfig, log: Callable[[str], None] = print) -> TrainResul
         state = load_checkpoint(config.resume)
         if state["data"]["training_data_sha256"] != data["training_data_sha256"]:
             raise TrainError(f"{config.resume}: checkpoint was trained on different data files")
-        model.load_state_dict(state["model_state"])
+        model.load_state_dict(state.get("raw_state", state["model_state"]))
         optimizer.load_state_dict(state["optimizer_state"])
         generator.set_state(state["rng_state"])
+        if ema is not None and "ema_state" in state:
+            ema.load_state_dict(state["ema_state"])
         history = list(state["history"])
         best_val_acc, best_epoch = float(state["best_val_acc"]), int(state["best_epoch"])
         start_epoch = int(state["epoch"]) + 1
@@ -241,13 +171,11 @@ def train(config: TrainConfig, log: Callable[[str], None] = print) -> TrainResul
     started = time.perf_counter()
     for epoch in range(start_epoch, config.epochs + 1):
         lr = learning_rate(config, epoch)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
         tick = time.perf_counter()
-        train_loss, train_acc = train_epoch(
-            model, optimizer, train_x, train_y, config, generator, augment, f"epoch {epoch}/{config.epochs}"
-        )
-        val_loss, val_acc = measure(model, val_x, val_y)
+        train_loss, train_acc = train_epoch(model, optimizer, train_set, config, generator, augment, epoch, ema,
+                                            teachers, f"epoch {epoch}/{config.epochs}")
+        evaluated = ema.model if ema is not None else model
+        val_loss, val_acc = measure(evaluated, val_x, val_y)
         record = {
             "epoch": epoch,
             "train_loss": train_loss,
@@ -265,9 +193,11 @@ def train(config: TrainConfig, log: Callable[[str], None] = print) -> TrainResul
             best_val_acc, best_epoch = val_acc, epoch
         checkpoint = {
             "format": CHECKPOINT_FORMAT,
-            "model_state": model.state_dict(),
+            "model_state": evaluated.state_dict(),
+            "raw_state": model.state_dict(),
             "optimizer_state": optimizer.state_dict(),
             "rng_state": generator.get_state(),
+            **({"ema_state": ema.state_dict()} if ema is not None else {}),
             "epoch": epoch,
             "best_val_acc": best_val_acc,
             "best_epoch": best_epoch,
@@ -300,11 +230,33 @@ def train(config: TrainConfig, log: Callable[[str], None] = print) -> TrainResul
     model.load_state_dict(best["model_state"])
     test_x, test_y = to_tensors(splits.test)
     _, test_acc = measure(model, test_x, test_y)
+    calibration, rule = calibrate_on_validation(model, splits.val)
     best["test_accuracy"] = test_acc
     best["train_seconds"] = seconds
+    best["calibration"], best["rejection"] = calibration.to_json(), rule.to_json()
     _save(best, best_path)
     log(
         f"best epoch {best_epoch}: val acc {best_val_acc:.4f}; held-out test acc {test_acc:.4f} "
-        f"({len(splits.test)} digits); {seconds:.1f}s"
+        f"({len(splits.test)} digits); {seconds:.1f}s; temperature {calibration.temperature:.3f}"
     )
     return TrainResult(best_path, last_path, best_epoch, best_val_acc, test_acc, seconds, history)
+
+
+def calibrate_on_validation(model: torch.nn.Module, val: Digits) -> tuple[Calibration, Rejection]:
+    """Temperature and rejection rule fitted on the validation digits (as MNIST arrays and as clients
+    send them) and on validation negatives (training kinds, other images); the test part is not used."""
+    from training.quality.fit import calibrate_and_choose
+    from training.synth.clientstyle import EVAL_RENDER_SEED, client_style
+    from training.synth.negatives import NEGATIVES_VAL_SEED, TRAIN_KINDS, generate
+
+    # As many negatives of each kind as half the validation digits (at most 300): enough to rank scores.
+    negatives = generate(dict.fromkeys(TRAIN_KINDS, max(10, min(300, len(val) // 2))), NEGATIVES_VAL_SEED, val.images)
+    renders = client_style(val.images, EVAL_RENDER_SEED)
+    outputs = {
+        "idx": np.arange(len(val)), "labels": val.labels.astype(np.int64),
+        "logits": logits_of(model, as_input(val.images)), "client_logits": logits_of(model, as_input(renders)),
+        "val_negatives": logits_of(model, as_input(negatives.images)), "val_kinds": negatives.kinds,
+        "eval_negatives": np.zeros((0, 10), np.float32), "eval_kinds": np.zeros(0, object),
+    }
+    calibration, rule, _ = calibrate_and_choose(outputs, f"the model's outputs on its {len(val)} validation digits")
+    return calibration, rule

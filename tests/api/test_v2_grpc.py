@@ -143,8 +143,10 @@ def test_raw_fp32_inference_agrees_with_recognize(server, client, digits, recogn
     assert probabilities.shape == logits.shape == (len(images), 10)
     np.testing.assert_allclose(probabilities, recognized, atol=1e-5)
     assert (probabilities.argmax(axis=1) == recognized.argmax(axis=1)).all()
-    # The two outputs are one prediction: softmax(logits) == probabilities.
-    softmax = np.exp(logits - logits.max(axis=1, keepdims=True))
+    # The two outputs are one prediction: softmax(logits / T) == probabilities, T the model's calibration.
+    calibration = server.server.recognizer.model.metadata.calibration
+    scaled = logits / (calibration.temperature if calibration is not None else 1.0)
+    softmax = np.exp(scaled - scaled.max(axis=1, keepdims=True))
     np.testing.assert_allclose(softmax / softmax.sum(axis=1, keepdims=True), probabilities, atol=1e-5)
     response = result.get_response()
     assert response.id == "req-7" and response.model_name == "lenet5"

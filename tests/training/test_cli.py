@@ -46,11 +46,23 @@ def assert_clean_error(done: subprocess.CompletedProcess[str], *fragments: str) 
 
 
 def test_evaluate_json_shipped_model(shipped_model: Path, mnist_small_dir: Path) -> None:
-    done = digits("evaluate", "--model", str(shipped_model), "--data-dir", str(mnist_small_dir), "--json")
+    done = digits("evaluate", "--model", str(shipped_model), "--data-dir", str(mnist_small_dir), "--json",
+                  "--negatives", "20")
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)  # exactly one JSON object on stdout
     assert report["count"] == 300
     assert report["accuracy"] >= 0.97
+    low, high = report["accuracy_wilson95"]
+    assert low < report["accuracy"] <= high + 1e-9  # 300/300 correct: the upper bound is 1
+    assert 0 <= report["ece"] < 0.05 and report["ece_bins"] == 15 and report["temperature"] > 0
+    assert report["rejection_rule"] is True
+    assert set(report["rejected_by_reason"]) == {"not_a_digit", "uncertain"}
+    assert report["rejected"]["count"] == 300 and report["rejected"]["value"] <= 0.02
+    assert report["accuracy_on_accepted"]["value"] >= report["accuracy"]
+    assert len(report["reliability"]["counts"]) == 15 and sum(report["reliability"]["counts"]) == 300
+    negatives = report["negatives"]["synthetic_eval_kinds"]
+    assert negatives["count"] == 120 and negatives["rejected"]["value"] >= 0.8
+    assert set(negatives["auroc"]) == {"max_probability", "logsumexp", "max_logit"}
     assert report["model_version"] and report["split"] == "test"
     assert len(report["per_class"]) == 10
     assert {"label", "precision", "recall", "f1", "support"} <= set(report["per_class"][0])
@@ -61,7 +73,7 @@ def test_evaluate_json_shipped_model(shipped_model: Path, mnist_small_dir: Path)
 
 
 def test_evaluate_works_without_torch(shipped_model: Path, mnist_small_dir: Path, tmp_path: Path) -> None:
-    plot = tmp_path / "cm.png"
+    plot, curve = tmp_path / "cm.png", tmp_path / "coverage.png"
     done = digits(
         "evaluate",
         "--model",
@@ -74,12 +86,18 @@ def test_evaluate_works_without_torch(shipped_model: Path, mnist_small_dir: Path
         "64",
         "--plot",
         str(plot),
+        "--client-style",
+        "--negatives",
+        "5",
+        "--curve",
+        str(curve),
         torch=False,
     )
     assert done.returncode == 0, done.stderr
     assert "accuracy" in done.stdout and "confusion matrix" in done.stdout
-    assert "true\\pred" in done.stdout
-    assert plot.read_bytes()[:4] == b"\x89PNG"
+    assert "true\\pred" in done.stdout and "Wilson 95% interval" in done.stdout and "ECE (15 bins)" in done.stdout
+    assert "each digit sent as a client would" in done.stdout and "synthetic_eval_kinds" in done.stdout
+    assert plot.read_bytes()[:4] == b"\x89PNG" and curve.read_bytes()[:4] == b"\x89PNG"
 
 
 def test_torch_commands_without_torch_say_how_to_install(tmp_path: Path) -> None:
@@ -135,6 +153,8 @@ def test_train_export_evaluate_end_to_end(mnist_small_dir: Path, tmp_path: Path)
         str(model),
         "--version",
         "9.9.9",
+        "--threads",
+        "1",
     )
     assert done.returncode == 0, done.stderr
     assert "epoch   2/2" in done.stdout and "digits evaluate --model" in done.stdout
@@ -142,8 +162,9 @@ def test_train_export_evaluate_end_to_end(mnist_small_dir: Path, tmp_path: Path)
         assert (run / name).is_file(), name
     assert (model.parent / "training-curves.png").is_file() and model.with_suffix(".json").is_file()
     card = json.loads(model.with_suffix(".json").read_text())
-    assert card["reproduce"].startswith("digits train --data-dir")
+    assert card["reproduce"].startswith("digits train --data-dir tests/fixtures/mnist-small")  # relative paths
     assert "--model-out" in card["reproduce"] and card["version"] == "9.9.9"
+    assert str(REPO) not in card["metadata"]["training_data"] + card["metadata"]["command"]
 
     again = tmp_path / "again.onnx"
     done = digits(
@@ -156,6 +177,34 @@ def test_train_export_evaluate_end_to_end(mnist_small_dir: Path, tmp_path: Path)
     done = digits("evaluate", "--model", str(again), "--data-dir", str(mnist_small_dir), "--json")
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["model_version"] == "1.0.0"
+
+
+def test_cross_validated_pipeline_end_to_end(mnist_small_dir: Path, tmp_path: Path) -> None:
+    pytest.importorskip("torch")
+    data = tmp_path / "data"
+    from training.data import load_split, write_split
+
+    write_split(data, "train", load_split(mnist_small_dir, "train"))  # no t10k-*: a test part is held out
+    run, model = tmp_path / "run", tmp_path / "m.onnx"
+    done = digits("train", "--data-dir", str(data), "--out-dir", str(run), "--cv", "2", "--epochs", "1",
+                  "--test-size", "100", "--jobs", "2", "--oe-per-digit", "1", "--model-out", str(model),
+                  "--version", "0.1.0")
+    assert done.returncode == 0, done.stderr
+    assert "cross-validated accuracy" in done.stdout and "test: accuracy" in done.stdout
+    report = json.loads((run / "report.json").read_text())
+    assert len(report["cross_validation"]["folds"]) == 2 and report["data"]["counts"] == {"pool": 400, "test": 100}
+    indices = json.loads((run / "heldout" / "indices.json").read_text())
+    assert not set(indices["test_indices"]) & set(indices["pool_indices"])
+    assert sorted(i for fold in indices["folds"] for i in fold) == indices["pool_indices"]
+    assert report["test"]["mnist"]["count"] == 100 and "wilson95" in report["test"]["mnist"]["accuracy"]
+    card = json.loads(model.with_suffix(".json").read_text())
+    assert card["reproduce"].startswith("digits train --data-dir ") and "--cv 2" in card["reproduce"]
+    assert card["calibration"]["temperature"] == report["calibration"]["temperature"]
+    assert card["rejection"]["not_a_digit"] == report["rejection"]["not_a_digit"]
+    assert "2-fold cross-validation" in card["metadata"]["validation_split"]
+    done = digits("evaluate", "--model", str(model), "--data-dir", str(run / "heldout"), "--json")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["count"] == 100
 
 
 def test_export_bad_checkpoint(tmp_path: Path) -> None:

@@ -101,3 +101,34 @@ def test_check_parity_passes_and_fails() -> None:
         check_parity(reference, nan)
     with pytest.raises(ExportError, match="shape"):
         check_parity(reference, reference[:10])
+
+
+def test_calibration_and_rule_are_fitted_on_the_fixture_and_baked_in(exported_model: Any, short_run: Any,
+                                                                    mnist_small_dir: Path) -> None:
+    import torch
+
+    from training.data import prepare_splits
+    from training.model import LeNet5
+    from training.quality.calibration import fit_temperature, nll
+    from training.recipe.loop import as_input, logits_of
+    from training.synth.clientstyle import EVAL_RENDER_SEED, client_style
+    from training.train import load_checkpoint
+
+    metadata = ModelMetadata.from_props({p.key: p.value for p in onnx.load(str(exported_model.path)).metadata_props})
+    assert metadata.calibration is not None and metadata.rejection is not None
+    # Recompute: the temperature is the NLL optimum on the run's own validation digits (both views).
+    model = LeNet5()
+    model.load_state_dict(load_checkpoint(short_run.best_checkpoint)["model_state"])
+    val = prepare_splits(mnist_small_dir, 100).val
+    logits = np.concatenate([logits_of(model, as_input(val.images)),
+                             logits_of(model, as_input(client_style(val.images, EVAL_RENDER_SEED)))])
+    labels = np.concatenate([val.labels, val.labels]).astype(np.int64)
+    assert metadata.calibration.temperature == pytest.approx(fit_temperature(logits, labels), rel=1e-6)
+    assert nll(logits, labels, metadata.calibration.temperature) <= nll(logits, labels, 1.0)
+    # The graph serves softmax(logits / T) and still returns the raw logits.
+    session = ort.InferenceSession(str(exported_model.path), providers=["CPUExecutionProvider"])
+    onnx_logits, probabilities = session.run(None, {INPUT_NAME: as_input(val.images).numpy()})
+    np.testing.assert_allclose(onnx_logits, logits[: len(val)], atol=1e-4)
+    expected = torch.softmax(torch.from_numpy(onnx_logits) / metadata.calibration.temperature, dim=1).numpy()
+    np.testing.assert_allclose(probabilities, expected, atol=1e-6)
+    assert metadata.rejection.extra["chosen_on"]["data"].startswith("the model's outputs on its 100 validation")

@@ -21,7 +21,7 @@ def quiet(_: str) -> None:
 
 
 def config(data_dir: Path, out_dir: Path, **changes: Any) -> TrainConfig:
-    base = TrainConfig(data_dir=data_dir, out_dir=out_dir, epochs=2, seed=11, val_size=100, progress=False)
+    base = TrainConfig(data_dir=data_dir, out_dir=out_dir, epochs=2, seed=11, val_size=100, progress=False, threads=1)
     return replace(base, **changes)
 
 
