@@ -149,7 +149,7 @@ def test_a_number_drawn_on_the_wide_pad_is_read_with_a_box_per_digit(server: Ser
     assert browser.save_screenshot(str(shot))
     if target := os.environ.get("DIGITS_SAVE_NUMBER_SCREENSHOT"):
         shutil.copyfile(shot, target)
-    boxes = [[int(v) for v in b.get_attribute("data-box").split(",")]
+    boxes = [[int(v) for v in str(b.get_attribute("data-box")).split(",")]
              for b in browser.find_elements("css selector", "#boxes .box")]
     assert len(boxes) == 2
     # Each box lies around the digit drawn there (the fixture digits fill about x 40..240 of their 280).

@@ -188,3 +188,22 @@ def test_a_real_serve_process_warns_about_an_old_model_in_its_log(tmp_path: Path
         _, stderr = process.communicate(timeout=30)
     assert process.returncode == 0
     assert "carries no rejection thresholds" in stderr
+
+
+def test_through_the_server_real_digits_pass_and_generated_non_digits_do_not(server, digits) -> None:
+    """The shipped model's rule at default settings, on files as clients send them: the fixture's 300 real
+    test digits are accepted, generated non-digits of kinds training never draws (other fonts, other
+    symbols, words, doodles, photo-like noise, digit strings; not Fashion-MNIST) are rejected, blanks are
+    no_ink. docs/training.md has the full-size figures (tests/rejection_report.py)."""
+    from tests.rejection_report import blanks, non_digits, pictures, reasons
+    from training.synth.clientstyle import EVAL_RENDER_SEED
+    from training.synth.negatives import EVAL_KINDS
+
+    images, _ = digits
+    with DigitsClient(server.target, timeout=60) as client:
+        real = reasons(client, list(pictures(images, EVAL_RENDER_SEED)))
+        foreign = reasons(client, list(non_digits(list(EVAL_KINDS), 20, images)))
+        blank = reasons(client, list(blanks(30)))
+    assert real["accepted"] >= 0.98 * sum(real.values()), real
+    assert foreign["accepted"] <= 0.15 * sum(foreign.values()), foreign
+    assert blank == {"no_ink": 30}

@@ -207,8 +207,9 @@ def test_v2_rest_infer_and_metadata_need_a_token(server: ServerThread,
 
 
 def test_page_health_and_readiness_stay_open_over_rest(server: ServerThread) -> None:
+    version = server.recognizer.model.version
     for path in ("/", "/v2/health/live", "/v2/health/ready", "/v2/models/lenet5/ready",
-                 "/v2/models/lenet5/versions/1.0.0/ready"):
+                 f"/v2/models/lenet5/versions/{version}/ready"):
         assert rest(server, "GET", path)[0] == 200, path
     assert rest(server, "HEAD", "/v2/health/ready")[0] == 200
 

@@ -41,17 +41,18 @@ class Scoring:
     """The weights of the segmentation search. A path's score is the sum of its digits'
     log-probabilities and of these terms, in the same units (penalties are subtracted).
 
-    The defaults were chosen for the shipped model by a coordinate search on numbers composed from its
-    validation digits (never from the test digits the figures in docs/reading.md are measured on).
-    `digit` and `logit` depend on the model's logit scale: refit them with a new model.
+    The defaults were chosen for the shipped model (2.0.0) by a coordinate search
+    (`python -m service.perf.numbers --tune`) on numbers composed from the 7,000 digits it was trained
+    on, never from the 1,000 test digits the figures in docs/reading.md are measured on. `digit` and
+    `logit` depend on the model's logit scale: refit them with a new model.
     """
 
     # Per digit read, plus `logit` times its top logit. Softmax confidence says which digit a crop is
     # most like, not whether it is one: two touching digits or half a digit often get a confident
     # softmax from smaller logits than a clean digit does (the energy view of out-of-distribution input).
-    digit: float = -3.6
-    logit: float = 0.5
-    cut: float = 1.35  # per stroke width a used cut crossed
+    digit: float = 0.0
+    logit: float = 1.0
+    cut: float = 1.6875  # per stroke width a used cut crossed
     cut_base: float = 1.3  # per cut used
     # Per line height the cut component is narrower than `split_width`: one digit is seldom wider
     # than a line height, two touching digits seldom narrower.
