@@ -7,7 +7,8 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import grpc
 
@@ -52,17 +53,22 @@ class RequestTracker:
     def __init__(self, metrics: Metrics, rpc: str) -> None:
         self._metrics = metrics
         self._rpc = rpc
+        # The label children, bound once (a labels() lookup costs more than the increment).
+        self._codes: dict[str, Any] = {}
+        self._seconds: Any = None  # bound at the first answer: an RPC never called exports no series
         # One line per failed request, but at most FAILURE_LINES_PER_SECOND per status code: a flood of
         # bad requests is counted in full by the metrics, and summarised in the log.
         self._failures = RateLimitedLog(log, FAILURE_LINES_PER_SECOND)
 
     @contextlib.contextmanager
-    def track(self, peer: str = "", deadline: float | None = None) -> Iterator[dict[str, str]]:
+    def track(self, peer: str | Callable[[], str] = "", deadline: float | None = None) -> Iterator[dict[str, str]]:
         """Yields a dict; the body sets ``outcome["code"]`` (default OK; on cancellation CANCELLED, or
-        DEADLINE_EXCEEDED when `deadline`, a time.monotonic() value, has passed)."""
+        DEADLINE_EXCEEDED when `deadline`, a time.monotonic() value, has passed). `peer` may be a
+        callable (grpc's `context.peer`): it is then asked only when a failure is logged."""
         outcome = {"code": "OK"}
         started = time.perf_counter()
-        self._metrics.inflight.inc()
+        metrics = self._metrics
+        metrics.inflight_requests += 1
         try:
             yield outcome
         except asyncio.CancelledError:
@@ -79,9 +85,16 @@ class RequestTracker:
                 outcome.setdefault("reason", type(exc).__name__)
             raise
         finally:
-            self._metrics.inflight.dec()
-            self._metrics.requests.labels(rpc=self._rpc, code=outcome["code"]).inc()
-            self._metrics.request_seconds.labels(rpc=self._rpc).observe(time.perf_counter() - started)
-            if outcome["code"] != "OK":
-                self._failures.warning((outcome["code"],), "request failed", rpc=self._rpc, code=outcome["code"],
-                                       reason=clip(outcome.get("reason", "")), peer=peer)
+            metrics.inflight_requests -= 1
+            code = outcome["code"]
+            counter = self._codes.get(code)
+            if counter is None:
+                counter = self._codes[code] = metrics.requests.labels(rpc=self._rpc, code=code)
+            counter.inc()
+            if self._seconds is None:
+                self._seconds = metrics.request_seconds.labels(rpc=self._rpc)
+            self._seconds.observe(time.perf_counter() - started)
+            if code != "OK":
+                self._failures.warning((code,), "request failed", rpc=self._rpc, code=code,
+                                       reason=clip(outcome.get("reason", "")), peer=peer if isinstance(peer, str)
+                                       else peer())

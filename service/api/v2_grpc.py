@@ -50,6 +50,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self._metrics = metrics
         self._ready = ready
         self._tracker = RequestTracker(metrics, "ModelInfer")
+        self._images = metrics.images.labels(rpc="ModelInfer")
 
     async def ServerLive(self, request: pb.ServerLiveRequest,
                          context: grpc.aio.ServicerContext) -> pb.ServerLiveResponse:
@@ -118,7 +119,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                          context: grpc.aio.ServicerContext) -> pb.ModelInferResponse:
         error: RecognizeError | None = None
         deadline = deadline_of(context)
-        with self._tracker.track(context.peer(), deadline) as outcome:
+        with self._tracker.track(context.peer, deadline) as outcome:
             try:
                 return await self._infer(request, deadline)
             except RecognizeError as exc:
@@ -141,7 +142,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             tensor = _input(request, model.metadata, raw)
         names = v2_tensors.select_outputs([out.name for out in request.outputs], model)
         self._recognizer.admit(tensor.count)
-        self._metrics.images.labels(rpc="ModelInfer").inc(tensor.count)
+        self._images.inc(tensor.count)
         recognition = await v2_tensors.recognize(self._recognizer, tensor, deadline)
         reply = pb.ModelInferResponse(model_name=recognition.model.name,
                                       model_version=recognition.model.version, id=request.id)
