@@ -37,6 +37,8 @@ def inked(ink: np.ndarray) -> np.ndarray:
     n, height, width = ink.shape
     if n == 0:
         return np.zeros(0, dtype=bool)
+    if n == 1:  # one image (most requests): the same test with Python scalars, a third of the numpy calls
+        return np.array([_one_inked(ink[0])])
     if ink.dtype.kind == "f":
         # pixel/255; anything outside 0..1 (an already-normalized tensor's extremes) is paper or full ink.
         # The clipped image's peak is the clipped peak, and against a half peak in (0, 0.5] the unclipped
@@ -67,6 +69,26 @@ def inked(ink: np.ndarray) -> np.ndarray:
         return result
     result[candidates] = _labelled(strong, need)
     return result
+
+
+def _one_inked(image: np.ndarray) -> bool:
+    """`inked` of one [H, W] image, computed exactly as for a stack."""
+    if image.dtype.kind == "f":
+        peak = min(max(float(image.max()), 0.0), 1.0)
+        if not peak * 255 >= MIN_CONTRAST:
+            return False
+        half = image.dtype.type(peak / 2)
+    else:
+        peak = int(image.max())
+        if not peak >= MIN_CONTRAST:
+            return False
+        half = image.dtype.type((peak + 1) // 2)
+    strong = image >= half
+    height, width = image.shape
+    need = max(MIN_INK_SIDE, MIN_INK_FRACTION * max(height, width))
+    if _straight_run(strong[None], math.ceil(need))[0]:
+        return True
+    return bool(_labelled(strong[None], need)[0])
 
 
 def _straight_run(strong: np.ndarray, length: int) -> np.ndarray:
