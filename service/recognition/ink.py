@@ -14,6 +14,7 @@ An image holds ink when both hold:
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -103,15 +104,28 @@ def _straight_run(strong: np.ndarray, length: int) -> np.ndarray:
 
 
 def _run_along(strong: np.ndarray, length: int, axis: int) -> np.ndarray:
+    """`length` consecutive True pixels along rows (axis 2) or columns (axis 1), per image. The
+    images are flattened and shifted copies ANDed (contiguous memory, unlike row slices); along rows,
+    windows that would wrap into the next row are masked out."""
+    n, height, width = strong.shape
     size = strong.shape[axis]
     if size < length:
-        return np.zeros(len(strong), dtype=bool)
-    stop = size - length + 1
-    window = strong[:, :, 0:stop] & strong[:, :, 1:stop + 1] if axis == 2 else \
-        strong[:, 0:stop] & strong[:, 1:stop + 1]
+        return np.zeros(n, dtype=bool)
+    flat = strong.reshape(n, height * width)
+    step = 1 if axis == 2 else width
+    span = height * width - (length - 1) * step
+    window = flat[:, 0:span] & flat[:, step:span + step]
     for k in range(2, length):
-        window &= strong[:, :, k:stop + k] if axis == 2 else strong[:, k:stop + k]
-    return window.reshape(len(strong), -1).any(axis=1)
+        window &= flat[:, k * step:span + k * step]
+    if axis == 2:
+        window &= _row_windows(height, width, length)[:span]
+    return window.any(axis=1)
+
+
+@functools.cache
+def _row_windows(height: int, width: int, length: int) -> np.ndarray:
+    """Flat positions where a run of `length` along a row stays within the row."""
+    return np.tile(np.arange(width) <= width - length, height)
 
 
 def _labelled(strong: np.ndarray, need: float) -> np.ndarray:
