@@ -4,9 +4,10 @@ Requests wait in a bounded queue (counted in images). A batch waits at most `max
 oldest request's arrival for company until `max_batch_size` images are queued (unless the traffic is
 sequential, see SEQUENTIAL_AFTER); then every request's pixels are normalized straight into one
 preallocated input array and run on a dedicated inference thread, off the event loop (one hand-off
-there and one call back per batch). Each caller gets back views on exactly its own rows of the
-output, in order. Requests cancelled by their caller or past their deadline are dropped before
-inference; when the queue is full, `submit` refuses at once (QueueFullError) instead of growing.
+there and one call back per batch), or on the loop itself where that is cheaper (INLINE_MAX_IMAGES).
+Each caller gets back views on exactly its own rows of the output, in order. Requests cancelled by
+their caller or past their deadline are dropped before inference; when the queue is full, `submit`
+refuses at once (QueueFullError) instead of growing.
 """
 
 from __future__ import annotations
@@ -39,6 +40,18 @@ SEQUENTIAL_AFTER = 8
 # the server as a cancellation a little before the server's, by the request's transit time (tens of ms
 # on a loaded machine).
 DEADLINE_SLACK_S = 0.1
+
+
+# A batch of at most this many images, for a model on the CPU with one onnxruntime thread (what
+# `--threads 0` gives on 2 CPUs), runs on the event loop itself rather than on the inference thread:
+# there it would buy no parallelism (the other CPU is the client's or the loop's), but it pays two
+# thread hand-offs and, worse, waits for the GIL to come back from a busy loop after session.run (up to
+# Python's 5 ms switch interval: 0.6 ms a batch of 6 on average at c16 here). Paired, tritonclient at
+# c16 / c64: 1.22x / 1.25x the throughput, a fifth less server CPU per image (docs/benchmarks.md).
+# Bigger batches go to the thread: while they run, the loop keeps admitting requests, so that under
+# overload the queue fills and the excess is refused at once (tests/server/test_overload.py), and one
+# big batch never holds the loop for long (16 LeNet-5 images take ~0.2 ms). So do several threads and GPUs.
+INLINE_MAX_IMAGES = 16
 
 
 class QueueFullError(Exception):
@@ -199,7 +212,18 @@ class DynamicBatcher:
         for item in batch:
             self._queue_wait(started - item.enqueued)
         self._running = True
-        self._jobs.put((self._current_model(), batch, sum(item.size for item in batch)))
+        model, total = self._current_model(), sum(item.size for item in batch)
+        if total <= INLINE_MAX_IMAGES and model.threads == 1 and model.provider == "CPUExecutionProvider":
+            # On the loop (see INLINE_MAX_IMAGES); its callers are answered in the loop's next turn.
+            outcome: tuple[np.ndarray, np.ndarray, float, bool] | Exception
+            try:
+                outcome = self._infer(model, batch, total)
+            except Exception as exc:  # a failing session.run must fail its callers, not the loop
+                outcome = exc
+            assert self._loop is not None
+            self._loop.call_soon(self._finish, model, batch, total, outcome)
+            return
+        self._jobs.put((model, batch, total))
 
     def _work(self) -> None:
         """The inference thread: run each batch, then hand it back to the loop in one call."""

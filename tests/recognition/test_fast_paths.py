@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import threading
 import time
 
 import grpc
@@ -177,3 +178,27 @@ def test_the_no_ink_fast_path_on_real_digits_and_large_pages() -> None:
     page[0, 100:112, 50:52] = 255
     page[1, 100:111, 50:52] = 255
     assert inked(page).tolist() == [True, False]
+
+
+@pytest.mark.parametrize(("threads", "images", "where"), [(1, 1, "test-server"), (1, 16, "test-server"),
+                                                        (1, 17, "inference"), (2, 1, "inference")])
+def test_small_batches_on_one_cpu_thread_run_on_the_loop_and_answer_as_on_the_thread(
+        threads: int, images: int, where: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from service.recognition.batcher import INLINE_MAX_IMAGES, DynamicBatcher
+
+    assert INLINE_MAX_IMAGES == 16
+    ran_on: list[str] = []
+    infer = DynamicBatcher._infer
+
+    def recording(self, *args):
+        ran_on.append(threading.current_thread().name)
+        return infer(self, *args)
+
+    monkeypatch.setattr(DynamicBatcher, "_infer", recording)
+    digits, labels = fixture_digits()
+    pixels = np.resize(digits, (images, 28, 28))
+    with ServerThread(threads=threads, max_batch_size=64, max_images_per_request=256) as server:
+        recognition = server.call(server.recognizer.recognize_pixels(pixels))
+    assert ran_on == [where]
+    truth = np.resize(labels, images)
+    assert (recognition.digits == truth).mean() > 0.95
