@@ -32,7 +32,8 @@ log = logging.getLogger(__name__)
 
 # Sequential traffic (one request at a time: a client calling in a loop) never brings company, so
 # waiting for it only adds `max_delay_s` to every call. After this many batches in a row of a single
-# request each, the batcher stops waiting, until a request arrives while another is queued or running.
+# request each, the batcher stops waiting, until a request arrives while another is queued, running or
+# in the server's handlers (Metrics.inflight_requests).
 SEQUENTIAL_AFTER = 8
 
 # A call cancelled this close to (or after) its deadline was cancelled by that deadline, not by its
@@ -153,8 +154,11 @@ class DynamicBatcher:
             )
         self.start()
         assert self._loop is not None
-        if self._queue or self._running:
-            self._lone_batches = 0  # company: concurrent traffic, worth waiting for
+        if self._queue or self._running or self._metrics.inflight_requests > 1:
+            # Company: concurrent traffic, worth waiting for. Other requests in the server's handlers
+            # count too: a batch that runs on the loop is over too soon for the next caller to find it
+            # running, and concurrent callers must not be taken for sequential ones.
+            self._lone_batches = 0
         future: asyncio.Future[BatchResult] = self._loop.create_future()
         self._queue.append(_Pending(pixels, normalized, future, deadline, time.monotonic()))
         self._queued_images += count
