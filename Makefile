@@ -11,7 +11,7 @@ CONSTRAINTS := -c constraints.txt
 SERVE_ARGS ?= --http-port 8000
 PYTEST_ARGS ?=
 
-.PHONY: help serve test lint typecheck unit train evaluate proto bench fuzz soak audit constraints clean system-deps deploy-check image image-deps font-deps
+.PHONY: help serve test lint typecheck unit train evaluate proto bench fuzz soak audit constraints clean system-deps deploy-check image image-deps font-deps peer
 
 help:
 	@echo "make serve    install the server into $(VENV) and serve models/lenet5.onnx (SERVE_ARGS=...)"
@@ -23,6 +23,7 @@ help:
 	@echo "make train    retrain the shipped models on ../shared/data/mnist-sample (cross-validated; JOBS=2)"
 	@echo "make proto    regenerate service/gen from proto/"
 	@echo "make bench    measure the server (docs/benchmarks.md + plot; BENCH_ARGS=--quick for a smoke run)"
+	@echo "make peer     install MLServer 1.7.1 into runs/mlserver-venv (digits bench --peer mlserver)"
 	@echo "make image    build the CPU server image with podman or docker (IMAGE_TARGET=train, IMAGE_TAG=...)"
 	@echo "make deploy-check  lint the Dockerfile, check the compose stack, render + validate deploy/k8s and deploy/kserve"
 
@@ -85,6 +86,7 @@ soak: $(VENV)/.dev-installed
 	$(BIN)/python tests/soak.py --seconds $(SOAK_SECONDS)
 
 # Tools the tests use that come from Debian: chromium + chromium-driver (tests/api/test_browser.py),
+# libb64-0d (Triton's perf_analyzer, from the tritonclient wheel, links it even for CPU runs),
 # prometheus with promtool (tests/deploy/test_prometheus_grafana.py), Fashion-MNIST (the IDX reader at
 # full scale, and rejection measured on clothing). `make test` installs them where we are root with
 # apt-get; elsewhere the tests that need them skip and say why, and under CI=true any skip fails the run
@@ -101,6 +103,7 @@ define apt_need
 endef
 system-deps:
 	$(call apt_need,chromedriver,chromium chromium-driver)
+	$(call apt_need,/usr/lib/$(shell uname -m)-linux-gnu/libb64.so.0d,libb64-0d)
 	$(call apt_need,promtool,prometheus)
 	$(call apt_need,/usr/share/datasets/fashion-mnist,dataset-fashion-mnist)
 	$(call apt_need,curl,curl)
@@ -122,7 +125,19 @@ image-deps:
 	  "CI needs them for the image test"; exit 1; \
 	else echo "podman, runc or debootstrap is missing and apt-get needs root here; the image test will skip"; fi
 
-unit: $(VENV)/.dev-installed system-deps image-deps
+# MLServer, the peer `digits bench --peer mlserver` measures against, in a virtual environment of its own:
+# MLServer 1.7.1 needs protobuf < 7 and tritonclient >= 2.42, this project protobuf 7 and tritonclient 2.41,
+# so pip cannot put both in .venv. Pinned by constraints-mlserver.txt; where it cannot be installed (no
+# registry), the peer's test skips and says why, and `digits bench --peer mlserver` reports it not measured.
+PEER_VENV := runs/mlserver-venv
+peer: $(PEER_VENV)/.installed
+$(PEER_VENV)/.installed: constraints-mlserver.txt
+	@test -x $(PEER_VENV)/bin/python || $(PYTHON) -m venv $(PEER_VENV)
+	@if $(PEER_VENV)/bin/python -m pip install --disable-pip-version-check -q mlserver==1.7.1 onnxruntime \
+	    -c constraints-mlserver.txt; then touch $@; \
+	else echo "could not install MLServer into $(PEER_VENV); its test will skip and the bench reports it not measured"; fi
+
+unit: $(VENV)/.dev-installed system-deps image-deps peer
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 test: lint unit
@@ -165,8 +180,8 @@ train: $(VENV)/.dev-installed font-deps
 	$(BIN)/digits export --checkpoint runs/lenet5/final.pt --quantize int8 --version 2.0.0
 
 # Rewrites the generated section of docs/benchmarks.md and docs/benchmarks.png (a few minutes).
-BENCH_ARGS ?=
-bench: $(VENV)/.dev-installed
+BENCH_ARGS ?= --peer mlserver
+bench: $(VENV)/.dev-installed system-deps peer
 	$(BIN)/digits bench $(BENCH_ARGS)
 
 proto: $(VENV)/.dev-installed

@@ -75,17 +75,18 @@ class DigitRecognizerServicer(digits_pb2_grpc.DigitRecognizerServicer):
         self._unary = RequestTracker(metrics, "Recognize")
         self._stream = RequestTracker(metrics, "RecognizeStream")
         self._read = RequestTracker(metrics, "Read")
+        self._images = {rpc: metrics.images.labels(rpc=rpc) for rpc in ("Recognize", "Read", "RecognizeStream")}
 
     async def Recognize(self, request: digits_pb2.RecognizeRequest,
                         context: grpc.aio.ServicerContext) -> digits_pb2.RecognizeResponse:
         error: RecognizeError | None = None
         deadline = deadline_of(context)
-        with self._unary.track(context.peer(), deadline) as outcome:
+        with self._unary.track(context.peer, deadline) as outcome:
             try:
                 # Counted once the request's size is known to be acceptable: a refused request of
                 # millions of empty images must not add millions to the counter.
                 self._recognizer.admit(len(request.images))
-                self._metrics.images.labels(rpc="Recognize").inc(len(request.images))
+                self._images["Recognize"].inc(len(request.images))
                 payloads = [to_payload(image, i) for i, image in enumerate(request.images)]
                 recognition = await self._recognizer.recognize(payloads, deadline)
             except RecognizeError as exc:
@@ -101,10 +102,10 @@ class DigitRecognizerServicer(digits_pb2_grpc.DigitRecognizerServicer):
     async def Read(self, request: digits_pb2.ReadRequest, context: grpc.aio.ServicerContext) -> digits_pb2.ReadResponse:
         error: RecognizeError | None = None
         deadline = deadline_of(context)
-        with self._read.track(context.peer(), deadline) as outcome:
+        with self._read.track(context.peer, deadline) as outcome:
             try:
                 self._recognizer.admit(len(request.images))
-                self._metrics.images.labels(rpc="Read").inc(len(request.images))
+                self._images["Read"].inc(len(request.images))
                 payloads = [to_payload(image, i) for i, image in enumerate(request.images)]
                 model = self._recognizer.model
                 readings = await self._recognizer.read(payloads, deadline)
@@ -146,7 +147,7 @@ class DigitRecognizerServicer(digits_pb2_grpc.DigitRecognizerServicer):
                         refused.append(RecognizeError("INVALID_ARGUMENT", f"stream message: {message.message}"))
                         break
                     await window.acquire()
-                    self._metrics.images.labels(rpc="RecognizeStream").inc()
+                    self._images["RecognizeStream"].inc()
                     task = asyncio.create_task(answer(message))
                     tasks.add(task)
                     task.add_done_callback(tasks.discard)

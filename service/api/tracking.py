@@ -4,10 +4,10 @@ failure log line, counted exactly once per answered request."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable
+from typing import Any, Literal
 
 import grpc
 
@@ -52,36 +52,64 @@ class RequestTracker:
     def __init__(self, metrics: Metrics, rpc: str) -> None:
         self._metrics = metrics
         self._rpc = rpc
+        # The label children, bound once (a labels() lookup costs more than the increment).
+        self._codes: dict[str, Any] = {}
+        self._seconds: Any = None  # bound at the first answer: an RPC never called exports no series
         # One line per failed request, but at most FAILURE_LINES_PER_SECOND per status code: a flood of
         # bad requests is counted in full by the metrics, and summarised in the log.
         self._failures = RateLimitedLog(log, FAILURE_LINES_PER_SECOND)
 
-    @contextlib.contextmanager
-    def track(self, peer: str = "", deadline: float | None = None) -> Iterator[dict[str, str]]:
-        """Yields a dict; the body sets ``outcome["code"]`` (default OK; on cancellation CANCELLED, or
-        DEADLINE_EXCEEDED when `deadline`, a time.monotonic() value, has passed)."""
-        outcome = {"code": "OK"}
-        started = time.perf_counter()
-        self._metrics.inflight.inc()
-        try:
-            yield outcome
-        except asyncio.CancelledError:
-            expired = deadline is not None and time.monotonic() >= deadline - DEADLINE_SLACK_S
+    def track(self, peer: str | Callable[[], str] = "", deadline: float | None = None) -> _Tracked:
+        """A context manager yielding a dict; the body sets ``outcome["code"]`` (default OK; on
+        cancellation CANCELLED, or DEADLINE_EXCEEDED when `deadline`, a time.monotonic() value, has
+        passed). `peer` may be a callable (grpc's `context.peer`): it is then asked only when a failure
+        is logged. (A class rather than a generator-based context manager: it runs on every request.)"""
+        return _Tracked(self, peer, deadline)
+
+    def _answered(self, outcome: dict[str, str], started: float, peer: str | Callable[[], str]) -> None:
+        metrics = self._metrics
+        metrics.inflight_requests -= 1
+        code = outcome["code"]
+        counter = self._codes.get(code)
+        if counter is None:
+            counter = self._codes[code] = metrics.requests.labels(rpc=self._rpc, code=code)
+        counter.inc()
+        if self._seconds is None:
+            self._seconds = metrics.request_seconds.labels(rpc=self._rpc)
+        self._seconds.observe(time.perf_counter() - started)
+        if code != "OK":
+            self._failures.warning((code,), "request failed", rpc=self._rpc, code=code,
+                                   reason=clip(outcome.get("reason", "")),
+                                   peer=peer if isinstance(peer, str) else peer())
+
+
+class _Tracked:
+    """One request being tracked (RequestTracker.track)."""
+
+    __slots__ = ("_deadline", "_outcome", "_peer", "_started", "_tracker")
+
+    def __init__(self, tracker: RequestTracker, peer: str | Callable[[], str], deadline: float | None) -> None:
+        self._tracker = tracker
+        self._peer = peer
+        self._deadline = deadline
+        self._outcome = {"code": "OK"}
+        self._started = 0.0
+
+    def __enter__(self) -> dict[str, str]:
+        self._started = time.perf_counter()
+        self._tracker._metrics.inflight_requests += 1
+        return self._outcome
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: Any) -> Literal[False]:
+        outcome = self._outcome
+        if isinstance(exc, asyncio.CancelledError):
+            expired = self._deadline is not None and time.monotonic() >= self._deadline - DEADLINE_SLACK_S
             outcome["code"] = "DEADLINE_EXCEEDED" if expired else "CANCELLED"
             outcome.setdefault("reason", "deadline expired" if expired else "cancelled by the client")
-            raise
-        except RecognizeError as exc:
+        elif isinstance(exc, RecognizeError):
             outcome["code"] = exc.code
-            raise
-        except Exception as exc:
-            if outcome["code"] == "OK":
-                outcome["code"] = "INTERNAL"
-                outcome.setdefault("reason", type(exc).__name__)
-            raise
-        finally:
-            self._metrics.inflight.dec()
-            self._metrics.requests.labels(rpc=self._rpc, code=outcome["code"]).inc()
-            self._metrics.request_seconds.labels(rpc=self._rpc).observe(time.perf_counter() - started)
-            if outcome["code"] != "OK":
-                self._failures.warning((outcome["code"],), "request failed", rpc=self._rpc, code=outcome["code"],
-                                       reason=clip(outcome.get("reason", "")), peer=peer)
+        elif isinstance(exc, Exception) and outcome["code"] == "OK":
+            outcome["code"] = "INTERNAL"
+            outcome.setdefault("reason", type(exc).__name__)
+        self._tracker._answered(outcome, self._started, self._peer)
+        return False  # never swallows the exception

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib.metadata
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -49,6 +50,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self._metrics = metrics
         self._ready = ready
         self._tracker = RequestTracker(metrics, "ModelInfer")
+        self._images = metrics.images.labels(rpc="ModelInfer")
 
     async def ServerLive(self, request: pb.ServerLiveRequest,
                          context: grpc.aio.ServicerContext) -> pb.ServerLiveResponse:
@@ -97,7 +99,14 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         if request.name:
             await self._check_model(request.name, request.version, context)
         model = self._recognizer.model
-        return pb.ModelStatisticsResponse(model_stats=[statistics(self._metrics, model.name, model.version)])
+        stats = [statistics(self._metrics, model.name, model.version)]
+        # Triton's model versions are integers, and perf_analyzer finds a model's statistics by the
+        # integer it parses from the version (C++ stoll: 1.0.0 reads as 1): a version that is not a
+        # plain integer is listed once more under that integer, after the real one.
+        alias = _integer_version(model.version)
+        if alias is not None and alias != model.version:
+            stats.append(statistics(self._metrics, model.name, alias))
+        return pb.ModelStatisticsResponse(model_stats=stats)
 
     async def RepositoryIndex(self, request: pb.RepositoryIndexRequest,
                               context: grpc.aio.ServicerContext) -> pb.RepositoryIndexResponse:
@@ -110,7 +119,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                          context: grpc.aio.ServicerContext) -> pb.ModelInferResponse:
         error: RecognizeError | None = None
         deadline = deadline_of(context)
-        with self._tracker.track(context.peer(), deadline) as outcome:
+        with self._tracker.track(context.peer, deadline) as outcome:
             try:
                 return await self._infer(request, deadline)
             except RecognizeError as exc:
@@ -133,7 +142,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             tensor = _input(request, model.metadata, raw)
         names = v2_tensors.select_outputs([out.name for out in request.outputs], model)
         self._recognizer.admit(tensor.count)
-        self._metrics.images.labels(rpc="ModelInfer").inc(tensor.count)
+        self._images.inc(tensor.count)
         recognition = await v2_tensors.recognize(self._recognizer, tensor, deadline)
         reply = pb.ModelInferResponse(model_name=recognition.model.name,
                                       model_version=recognition.model.version, id=request.id)
@@ -183,14 +192,27 @@ def _input(request: pb.ModelInferRequest, meta: Any, raw: bool) -> v2_tensors.In
                                   flat_count=v2_tensors.typed_values(tensor.contents))
 
 
+def _integer_version(version: str) -> str | None:
+    """The integer a version's leading digits read as (as perf_analyzer reads it), or None."""
+    digits = re.match(r"\d+", version)
+    return str(int(digits.group())) if digits else None
+
+
 def statistics(metrics: Metrics, name: str, version: str) -> pb.ModelStatistics:
     """Triton's ModelStatistics from our metrics: successes and failures are requests (with their whole
-    duration), queue is the batch-queue wait, compute_input the decoding, compute_infer session.run."""
+    duration), queue is the batch-queue wait, compute_input the decoding, compute_infer session.run.
+
+    Triton counts the compute phases per request, and perf_analyzer refuses statistics whose three
+    compute counts differ; here each of them counts the requests that reached a batch (the queue's
+    count), compute_input's time is the decoding (none for tensors), compute_infer's the batches'
+    session.run time, each batch once (so per request it reads as the batch's time shared out), and
+    compute_output's 0 (replies are built on the event loop, in the request's own time)."""
     sample = metrics.registry.get_sample_value
 
-    def duration(histogram: str, labels: dict[str, str] | None = None) -> pb.StatisticDuration:
-        count = sample(f"{histogram}_count", labels) or 0.0
-        return pb.StatisticDuration(count=int(count), ns=int((sample(f"{histogram}_sum", labels) or 0.0) * 1e9))
+    batched = int(sample("digits_queue_wait_seconds_count") or 0)
+
+    def duration(histogram: str) -> pb.StatisticDuration:
+        return pb.StatisticDuration(count=batched, ns=int((sample(f"{histogram}_sum") or 0.0) * 1e9))
 
     ok = fail = 0.0
     for family in metrics.requests.collect():
@@ -214,7 +236,7 @@ def statistics(metrics: Metrics, name: str, version: str) -> pb.ModelStatistics:
             success=success, fail=failure, queue=duration("digits_queue_wait_seconds"),
             compute_input=duration("digits_preprocess_duration_seconds"),
             compute_infer=duration("digits_inference_duration_seconds"),
-            compute_output=pb.StatisticDuration()))
+            compute_output=pb.StatisticDuration(count=batched)))
 
 
 def _tensor_metadata(spec: v2_tensors.TensorSpec) -> pb.ModelMetadataResponse.TensorMetadata:

@@ -188,8 +188,8 @@ def from_values(name: str, datatype: str, shape: Sequence[Any], values: Any,
 
 async def recognize(recognizer: Recognizer, tensor: InputTensor, deadline: float | None) -> Recognition:
     """Run a validated input through the shared core (same batcher, limits and metrics as Recognize)."""
-    if tensor.normalized:
-        return await recognizer.infer_normalized(tensor.array, deadline)
+    if tensor.normalized:  # _finish has refused NaN and infinity
+        return await recognizer.infer_normalized(tensor.array, deadline, finite=True)
     return await recognizer.recognize_pixels(tensor.array, deadline)
 
 

@@ -5,9 +5,14 @@
 3. `digits serve` (a subprocess, as users run it) with dynamic batching off and on, at the load
    points of `LOAD_POINTS`, for raw pixels and PNG files, with the server's CPU time per image read
    from /proc (utime + stime of the server and its worker processes);
-4. 1 vs 2 worker processes, and the int8 model against fp32.
+4. 1 vs 2 worker processes, and the int8 model against fp32;
+5. the Open Inference Protocol with FP32 tensors against the floor (`peers.floor`: a grpc.aio servicer
+   that parses ModelInfer and answers a canned reply) and, with `--peer mlserver`, MLServer serving the
+   same model: all driven by the same client, `tritonclient.grpc.aio` (`peers.tritonload`), and again by
+   Triton's perf_analyzer (`peers.analyzer`);
+6. reading whole numbers: 5-digit PNGs through `Read` at concurrency 16.
 
-The client is the `digits loadtest` engine, in this process. Client and server share the machine's
+The client of 3-4 and 6 is the `digits loadtest` engine, in this process. Client and server share the machine's
 cores, so absolute figures say as much about the machine as about the server: the targets are
 ratios within one run, taken back to back (see `run_bench`). The processes live in `benchprocs`;
 `benchreport` turns the results into docs/benchmarks.md and the plot.
@@ -18,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -27,17 +33,31 @@ from typing import Any
 import numpy as np
 
 from service.client import bearer_metadata, read_token
+from service.gen.digits.v1 import digits_pb2
 from service.perf.benchprocs import ECHO_METHOD, EchoServer, ServerProcess
 from service.perf.loadsource import ImageSet, PreparedRequest, load_images, prepare_requests
 from service.perf.loadstats import LoadStats, Summary, percentile
 from service.perf.loadtest import LoadGenerator, LoadSpec
 from service.perf.machine import describe_machine
+from service.perf.numbers import compose
+from service.perf.peers.analyzer import AnalyzerError, AnalyzerResult, find_analyzer, run_analyzer, write_input_data
+from service.perf.peers.floor import FloorProcess
+from service.perf.peers.mlserver import MLServerProcess, PeerUnavailable
+from service.perf.peers.tritonload import TritonLoad, run_triton_load
 from service.recognition.model import default_threads, load_model
 from service.recognition.preprocess import normalize
 
 LOAD_POINTS = ((1, 1), (16, 1), (64, 1), (4, 64))  # (concurrency, images per request)
 CEILING_BATCHES = (1, 8, 64, 256)
 ENCODINGS = ("raw", "png")
+# Open Inference Protocol points: (concurrency, images per request, client connections).
+V2_POINTS = ((16, 1, 1), (64, 1, 1), (64, 1, 8), (4, 64, 1))
+ANALYZER_POINTS = ((16, 1), (64, 1), (4, 64))
+OURS, FLOOR, MLSERVER = "ours", "floor", "MLServer"
+PEERS = ("mlserver",)
+READ = "/digits.v1.DigitRecognizer/Read"
+READ_DIGITS = 5
+READ_CONCURRENCY = 16
 
 
 @dataclass(frozen=True)
@@ -52,6 +72,8 @@ class BenchOptions:
     workers: tuple[int, ...] = (1, 2)
     # Serve with --auth-token-file and send its first token: the cost of authentication, measured.
     token_file: Path | None = None
+    peers: tuple[str, ...] = ()  # "mlserver"
+    mlserver: Path | None = None  # the mlserver executable (default: runs/mlserver-venv, then PATH)
 
     @property
     def rounds(self) -> int:
@@ -90,6 +112,22 @@ class Point:
 
 
 @dataclass
+class V2Point:
+    """One Open Inference Protocol load point against one server, with one client engine."""
+
+    engine: str  # "tritonclient" or "perf_analyzer"
+    server: str  # OURS, FLOOR, MLSERVER
+    concurrency: int
+    batch: int
+    clients: int
+    images_per_s: float
+    p50_s: float
+    p99_s: float
+    errors: int = 0
+    server_cpu_per_image_us: float | None = None
+
+
+@dataclass
 class BenchResults:
     """Everything one `digits bench` run measured."""
 
@@ -104,8 +142,15 @@ class BenchResults:
     points: list[Point] = field(default_factory=list)
     int8_ceiling: dict[int, float] = field(default_factory=dict)
     accuracy: dict[str, float] = field(default_factory=dict)  # model label -> accuracy on the bench digits
+    v2: list[V2Point] = field(default_factory=list)
+    not_measured: dict[str, str] = field(default_factory=dict)  # server or engine -> why
+    read: Point | None = None  # 5-digit PNGs through Read at concurrency 16 (images = readings)
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
+
+    def find_v2(self, engine: str, server: str, concurrency: int, batch: int, clients: int = 1) -> V2Point | None:
+        return next((p for p in self.v2 if (p.engine, p.server, p.concurrency, p.batch, p.clients)
+                     == (engine, server, concurrency, batch, clients)), None)
 
     def find(self, server: str, encoding: str, concurrency: int, batch: int) -> Point | None:
         return next((p for p in self.points if (p.server, p.encoding, p.concurrency, p.batch)
@@ -197,6 +242,49 @@ def accuracy(model_path: Path, images: ImageSet) -> float | None:
     return float((probabilities.argmax(axis=1) == np.array([label for _, label in arrays])).mean())
 
 
+def v2_tensors(digits: np.ndarray, normalization: Any, batch: int, count: int = 16) -> list[np.ndarray]:
+    """FP32 inputs [batch, 1, H, W] in the model's input space, from the bench's digits, in turn."""
+    need = batch * count
+    inputs = normalize(np.resize(digits, (need, *digits.shape[1:])), normalization)
+    return [np.ascontiguousarray(inputs[i * batch:(i + 1) * batch]) for i in range(count)]
+
+
+def read_requests(images: ImageSet, count: int = 32, seed: int = 0) -> list[PreparedRequest]:
+    """Serialized ReadRequests of one 5-digit number each (PNG, composed from the labelled digits:
+    spaced, tight and touching in turn); each request's label is int("1" + its true text)."""
+    pairs = [(a, int(label)) for a, label in zip(images.images, images.labels, strict=True)
+             if isinstance(a, np.ndarray) and a.shape == (28, 28) and label >= 0]
+    if not pairs:
+        return []
+    digits, labels = np.stack([a for a, _ in pairs]), np.array([label for _, label in pairs])
+    rng = np.random.default_rng(seed)
+    prepared = []
+    for i in range(count):
+        number = compose(digits, labels, ("spaced", "tight", "touching")[i % 3], rng, length=READ_DIGITS)
+        request = digits_pb2.ReadRequest(images=[digits_pb2.Image(encoded=number.png)])
+        prepared.append(PreparedRequest(request.SerializeToString(), np.array([int("1" + number.text)]), 1))
+    return prepared
+
+
+def parse_read(data: bytes) -> list[int]:
+    """Each reading of a serialized ReadResponse as int("1" + text) (-2 for no digits), to compare
+    with `read_requests`' labels."""
+    return [int("1" + r.text) if r.text.isdigit() else -2 for r in digits_pb2.ReadResponse.FromString(data).readings]
+
+
+def _v2_point(engine: str, server: str, point: tuple[int, int, int], tally: _Tally) -> V2Point:
+    summary = tally.stats.summary(tally.seconds)
+    cpu = None if tally.server_cpu_s is None or not summary.images else tally.server_cpu_s / summary.images * 1e6
+    return V2Point(engine, server, *point, summary.images_per_s, summary.latency_s["p50"],
+                   summary.latency_s["p99"], summary.error_count, cpu)
+
+
+def _analyzer_point(server: str, point: tuple[int, int], runs: list[AnalyzerResult]) -> V2Point:
+    return V2Point("perf_analyzer", server, point[0], point[1], 1,
+                   float(np.mean([r.images_per_s for r in runs])), float(np.mean([r.p50_us for r in runs])) / 1e6,
+                   float(np.mean([r.p99_us for r in runs])) / 1e6)
+
+
 def server_plan(opts: BenchOptions, threads: int) -> list[tuple[str, Path, list[str], int, list[tuple[str, int, int]]]]:
     """(name, model, extra flags, threads, points) of every server configuration to measure."""
     every = [(enc, c, b) for c, b in LOAD_POINTS for enc in ENCODINGS]
@@ -243,11 +331,38 @@ def run_bench(opts: BenchOptions, log: Any = print) -> BenchResults:
         results.notes.append("every server ran with --auth-token-file and every call carried a bearer token")
     tallies: dict[tuple[str, str, int, int], _Tally] = {}
     echo_tally = _Tally()
+    normalization = load_model(opts.model, "cpu", 1, warmup_batch=1).metadata.normalization
+    tensors = {b: v2_tensors(digits, normalization, b) for b in sorted({b for _, b, _ in V2_POINTS})}
+    v2_tallies: dict[tuple[str, tuple[int, int, int]], _Tally] = {}
+    analyzer_runs: dict[tuple[str, tuple[int, int]], list[AnalyzerResult]] = {}
+    reading = read_requests(images)
+    if not reading:
+        results.not_measured["Read"] = "the bench's images have no labelled 28x28 digits to compose numbers from"
+    read_tally = _Tally()
     with contextlib.ExitStack() as stack:
         echo = stack.enter_context(EchoServer())
         servers = {name: stack.enter_context(ServerProcess(model, count, [*extra, *auth_flags]))
                    for name, model, extra, count, _ in plan}
         points = {name: pts for name, *_, pts in plan}
+        v2_servers: dict[str, Any] = {OURS: servers["batching on"], FLOOR: stack.enter_context(FloorProcess())}
+        if "mlserver" in opts.peers:
+            try:
+                v2_servers[MLSERVER] = stack.enter_context(MLServerProcess(opts.model, threads=threads,
+                                                                           executable=opts.mlserver))
+            except PeerUnavailable as exc:
+                results.not_measured[MLSERVER] = str(exc)
+        else:
+            results.not_measured[MLSERVER] = "not asked for (digits bench --peer mlserver)"
+        if opts.token_file is not None:  # the floor and MLServer take no token: ours would pay for it alone
+            results.not_measured["Open Inference Protocol"] = "not measured with --token-file"
+            v2_servers = {}
+        try:
+            analyzer = find_analyzer()
+            analyzer_data = write_input_data(v2_tensors(digits, normalization, 1, 64),
+                                             Path(stack.enter_context(tempfile.TemporaryDirectory())) / "data.json")
+        except AnalyzerError as exc:
+            analyzer = None
+            results.not_measured["perf_analyzer"] = str(exc)
         for round_ in range(opts.rounds):
             log(f"round {round_ + 1} of {opts.rounds}")
             for concurrency, batch in LOAD_POINTS:
@@ -264,6 +379,18 @@ def run_bench(opts: BenchOptions, log: Any = print) -> BenchResults:
                         log(f"  {name:14s} {encoding:3s} c{concurrency:<3d} x{batch:<3d} "
                             f"{summary.images_per_s:10,.0f} img/s  p50 {summary.latency_s['p50'] * 1e3:7.2f} ms  "
                             f"p99 {summary.latency_s['p99'] * 1e3:7.2f} ms  errors {summary.error_count}")
+            _measure_v2(opts, round_, v2_servers, tensors, v2_tallies, log)
+            if analyzer is not None and v2_servers and (round_ == 0 or opts.quick):
+                _measure_analyzer(opts, round_, analyzer, analyzer_data, v2_servers, analyzer_runs, results, log)
+            if reading:
+                summary = measure_once(servers["batching on"].target, reading, READ_CONCURRENCY, opts, read_tally,
+                                       servers["batching on"].cpu_s, method=READ, parse=parse_read, metadata=metadata)
+                log(f"  read           png c{READ_CONCURRENCY:<3d} {READ_DIGITS} digits {summary.images_per_s:7,.0f} "
+                    f"readings/s  p50 {summary.latency_s['p50'] * 1e3:7.2f} ms  errors {summary.error_count}")
+    results.v2 = [_v2_point("tritonclient", server, point, tally) for (server, point), tally in v2_tallies.items()]
+    results.v2 += [_analyzer_point(server, point, runs) for (server, point), runs in analyzer_runs.items()]
+    if reading:
+        results.read = read_tally.point("batching on", "png", READ_CONCURRENCY, 1)
     results.echo = echo_tally.stats.summary(echo_tally.seconds)
     results.points = [tally.point(*key) for key, tally in sorted(
         tallies.items(), key=lambda kv: ([n for n, *_ in plan].index(kv[0][0]),
@@ -273,3 +400,47 @@ def run_bench(opts: BenchOptions, log: Any = print) -> BenchResults:
             results.accuracy[label] = value
     results.seconds = time.perf_counter() - started
     return results
+
+
+def _measure_v2(opts: BenchOptions, round_: int, servers: dict[str, Any], tensors: dict[int, list[np.ndarray]],
+                tallies: dict[tuple[str, tuple[int, int, int]], _Tally],
+                log: Any) -> None:
+    """Every V2_POINT against every v2 server back to back (alternating order), tritonclient.grpc.aio."""
+    names = list(servers) if round_ % 2 == 0 else list(servers)[::-1]
+    for point in V2_POINTS:
+        concurrency, batch, clients = point
+        for name in names:
+            server = servers[name]
+            tally = tallies.setdefault((name, point), _Tally())
+            spec = TritonLoad(server.target, "lenet5", concurrency, opts.warmup_s, clients=clients)
+            run_triton_load(spec, tensors[batch])  # warm-up, unmeasured
+            spec = TritonLoad(server.target, "lenet5", concurrency, opts.measure_s / opts.rounds, clients=clients)
+            stats = LoadStats()
+            cpu_before, client_before = server.cpu_s(), time.process_time()
+            summary = run_triton_load(spec, tensors[batch], stats)
+            client_cpu, cpu_after = time.process_time() - client_before, server.cpu_s()
+            cpu = None if cpu_before is None or cpu_after is None else cpu_after - cpu_before
+            tally.add(stats, summary.duration_s, cpu, client_cpu)
+            log(f"  v2 {name:11s} FP32 c{concurrency:<3d} x{batch:<3d} {clients} conn {summary.images_per_s:10,.0f} "
+                f"img/s  p50 {summary.latency_s['p50'] * 1e3:7.2f} ms  p99 {summary.latency_s['p99'] * 1e3:7.2f} ms  "
+                f"errors {summary.error_count}")
+
+
+def _measure_analyzer(opts: BenchOptions, round_: int, analyzer: Any, data: Path, servers: dict[str, Any],
+                      runs: dict[tuple[str, tuple[int, int]], list[AnalyzerResult]], results: BenchResults,
+                      log: Any) -> None:
+    """perf_analyzer at ANALYZER_POINTS (only c16 x1 with --quick) against every v2 server."""
+    names = list(servers) if round_ % 2 == 0 else list(servers)[::-1]
+    for point in ANALYZER_POINTS[:1] if opts.quick else ANALYZER_POINTS:
+        for name in names:
+            if f"perf_analyzer on {name}" in results.not_measured:
+                continue
+            try:
+                result = run_analyzer(analyzer, servers[name].target, "lenet5", point[1], point[0], data,
+                                      interval_ms=500 if opts.quick else 2000, trials=3)
+            except AnalyzerError as exc:
+                results.not_measured[f"perf_analyzer on {name}"] = str(exc)
+                continue
+            runs.setdefault((name, point), []).append(result)
+            log(f"  perf_analyzer {name:8s} c{point[0]:<3d} x{point[1]:<3d} {result.images_per_s:10,.0f} img/s  "
+                f"p50 {result.p50_us / 1e3:7.2f} ms  p99 {result.p99_us / 1e3:7.2f} ms")

@@ -12,7 +12,19 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from service.perf.bench import LOAD_POINTS, BenchResults, Point
+from service.perf.bench import (
+    ANALYZER_POINTS,
+    FLOOR,
+    LOAD_POINTS,
+    MLSERVER,
+    OURS,
+    READ_CONCURRENCY,
+    READ_DIGITS,
+    V2_POINTS,
+    BenchResults,
+    Point,
+    V2Point,
+)
 from service.perf.machine import loadavg
 
 BEGIN = "<!-- digits bench: generated section begins; edits inside are overwritten -->"
@@ -20,7 +32,7 @@ END = "<!-- digits bench: generated section ends -->"
 
 @dataclass(frozen=True)
 class Target:
-    """One goal of issue #6, as measured."""
+    """One goal (issues #6 and #17), as measured."""
 
     name: str
     measured: str
@@ -32,8 +44,43 @@ def _ratio(a: float, b: float) -> float:
     return a / b if b and not math.isnan(b) else math.nan
 
 
+# Issue #17: ours / floor at each point, driven by tritonclient.grpc.aio (the floor runs no model).
+FLOOR_GOALS = {(16, 1): 0.70, (64, 1): 0.70, (4, 64): 0.33}
+PEER_GAIN = 2.0
+
+
+def _why(r: BenchResults, *keys: str) -> str:
+    return next((f"not measured: {r.not_measured[k]}" for k in keys if k in r.not_measured), "not measured")
+
+
+def v2_targets(r: BenchResults) -> list[Target]:
+    """Issue #17's targets: ours / floor, and ours / MLServer with a lower p99, at each load point."""
+    targets = []
+    for (c, b), goal in FLOOR_GOALS.items():
+        ours, floor = r.find_v2("tritonclient", OURS, c, b), r.find_v2("tritonclient", FLOOR, c, b)
+        name = f"Open Inference Protocol c{c} x{b}: ours vs the floor (tritonclient.grpc.aio, FP32)"
+        if ours and floor:
+            share = _ratio(ours.images_per_s, floor.images_per_s)
+            targets.append(Target(name, f"{share:.2f} ({ours.images_per_s:,.0f} vs {floor.images_per_s:,.0f} "
+                                        f"images/s)", f">= {goal:.2f}", share >= goal))
+        else:
+            targets.append(Target(name, _why(r, "Open Inference Protocol"), f">= {goal:.2f}", None))
+    for c, b in FLOOR_GOALS:
+        ours, peer = r.find_v2("tritonclient", OURS, c, b), r.find_v2("tritonclient", MLSERVER, c, b)
+        name = f"Open Inference Protocol c{c} x{b}: ours vs MLServer (tritonclient.grpc.aio, FP32)"
+        wanted = f">= {PEER_GAIN:g}x, lower p99"
+        if ours and peer:
+            gain = _ratio(ours.images_per_s, peer.images_per_s)
+            targets.append(Target(name, f"{gain:.2f}x ({ours.images_per_s:,.0f} vs {peer.images_per_s:,.0f} "
+                                        f"images/s); p99 {ours.p99_s * 1e3:.2f} vs {peer.p99_s * 1e3:.2f} ms", wanted,
+                                  gain >= PEER_GAIN and ours.p99_s < peer.p99_s))
+        else:
+            targets.append(Target(name, _why(r, "Open Inference Protocol", MLSERVER), wanted, None))
+    return targets
+
+
 def evaluate_targets(r: BenchResults) -> list[Target]:
-    """The four targets of the issue, each a ratio within this run."""
+    """The targets of issues #6 and #17, each a ratio within this run."""
     targets = []
     batched = r.find("batching on", "raw", 4, 64)
     # The ceiling measured beside the batched point (same machine load), else the one from the start.
@@ -65,7 +112,7 @@ def evaluate_targets(r: BenchResults) -> list[Target]:
             targets.append(Target(f"PNG vs raw server CPU per image (c{concurrency}, {batch}/request)",
                                   f"{cost:.2f}x ({png.server_cpu_per_image_us:,.0f} vs "
                                   f"{raw.server_cpu_per_image_us:,.0f} µs)", "<= 1.5x", cost <= 1.5))
-    return targets
+    return targets + v2_targets(r)
 
 
 def _ms(seconds: float) -> str:
@@ -83,6 +130,58 @@ def _point_row(p: Point) -> str:
     return (f"| {p.server} | {p.encoding} | {p.concurrency} | {p.batch} | {s.requests_per_s:,.0f} | "
             f"{s.images_per_s:,.0f} | {_ms(lat['p50'])} | {_ms(lat['p90'])} | {_ms(lat['p99'])} | "
             f"{_ms(lat['max'])} | {errors} | {_us(p.server_cpu_per_image_us)} | {_us(p.client_cpu_per_request_us)} |")
+
+
+def _v2_cell(p: V2Point | None) -> tuple[str, str, str]:
+    if p is None:
+        return "-", "-", "-"
+    errors = f" ({p.errors} errors)" if p.errors else ""
+    return (f"{p.images_per_s:,.0f}{errors}", f"{_ms(p.p50_s)} / {_ms(p.p99_s)}", _us(p.server_cpu_per_image_us))
+
+
+def _v2_section(r: BenchResults) -> list[str]:
+    lines = ["", "### Open Inference Protocol: ours against the floor and MLServer", "",
+             "The same FP32 tensors [b, 1, 28, 28] (the bench's digits, normalized) to every server, from the same "
+             "client engine: `tritonclient.grpc.aio` closed loop in this process (c calls in flight over the given "
+             "number of connections, asking for `probabilities`), then Triton's `perf_analyzer -i grpc` (its own "
+             "threads, synchronous calls, 3 windows). **ours**: `digits serve` with its defaults; **floor**: a "
+             "grpc.aio servicer that parses ModelInfer and answers a canned [N, 10] reply (no model, batching or "
+             "metrics); "
+             "**MLServer**: 1.7.1 with the same model (onnxruntime, 1 thread, adaptive batching off, inference "
+             "in-process, metrics off). Server CPU is per image, over the measured window.", "",
+             "| engine | concurrency | images/request | connections | ours images/s | floor images/s "
+             "| MLServer images/s | ours p50 / p99 ms | floor p50 / p99 ms | MLServer p50 / p99 ms | ours / floor "
+             "| ours / MLServer | server CPU µs/image: ours / floor / MLServer |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    keys = [("tritonclient", c, b, n) for c, b, n in V2_POINTS]
+    keys += [("perf_analyzer", c, b, 1) for c, b in ANALYZER_POINTS]
+    for engine, c, b, n in keys:
+        ours, floor, peer = (r.find_v2(engine, s, c, b, n) for s in (OURS, FLOOR, MLSERVER))
+        if not (ours or floor or peer):
+            continue
+        cells = [_v2_cell(p) for p in (ours, floor, peer)]
+        share = f"{_ratio(ours.images_per_s, floor.images_per_s):.2f}" if ours and floor else "-"
+        gain = f"{_ratio(ours.images_per_s, peer.images_per_s):.2f}x" if ours and peer else "-"
+        engine_name = "tritonclient.grpc.aio" if engine == "tritonclient" else "perf_analyzer"
+        lines.append(f"| {engine_name} | {c} | {b} | {n} | {cells[0][0]} | {cells[1][0]} | {cells[2][0]} | "
+                     f"{cells[0][1]} | {cells[1][1]} | {cells[2][1]} | {share} | {gain} | "
+                     f"{cells[0][2]} / {cells[1][2]} / {cells[2][2]} |")
+    if r.not_measured:
+        lines.append("")
+        lines += [f"Not measured: {what}: {why}" for what, why in r.not_measured.items()]
+    if r.read is not None:
+        p = r.read
+        s = p.summary
+        exact = f"{s.accuracy:.1%}" if s.accuracy is not None else "-"
+        lines += ["", "### Reading whole numbers", "",
+                  f"`Read` of one {READ_DIGITS}-digit PNG per request (numbers composed from the bench's real digits: "
+                  f"spaced, tight and touching in turn), concurrency {READ_CONCURRENCY}, the `digits loadtest` engine, "
+                  "`digits serve` with its defaults.", "",
+                  "| readings/s | p50 ms | p99 ms | errors | exact readings | server CPU µs/reading |",
+                  "| --- | --- | --- | --- | --- | --- |",
+                  f"| {s.images_per_s:,.1f} | {_ms(s.latency_s['p50'])} | {_ms(s.latency_s['p99'])} | "
+                  f"{s.error_count} | {exact} | {_us(p.server_cpu_per_image_us)} |"]
+    return lines
 
 
 def render(r: BenchResults, plot_name: str | None) -> str:
@@ -128,6 +227,7 @@ def render(r: BenchResults, plot_name: str | None) -> str:
               "p99 ms | max ms | errors | server CPU µs/image | client CPU µs/request |",
               "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     lines += [_point_row(p) for p in r.points]
+    lines += _v2_section(r)
     if r.accuracy:
         lines += ["", "Accuracy on the bench's labelled digits (in-process): "
                   + ", ".join(f"{k} {v:.2%}" for k, v in r.accuracy.items()) + "."]

@@ -127,6 +127,12 @@ def register_bench(subparsers: Any) -> None:
     parser.add_argument("--token-file", type=Path, default=None, metavar="FILE",
                         help="run every server with --auth-token-file FILE and send its first token on every "
                              "call: measures the cost of authentication")
+    parser.add_argument("--peer", action="append", choices=("mlserver",), default=[],
+                        help="also measure this peer serving the same model: mlserver (MLServer 1.7.1 from "
+                             "runs/mlserver-venv, which `make peer` installs, or from PATH); reported as not "
+                             "measured, with the reason, when it cannot run")
+    parser.add_argument("--mlserver", type=Path, default=None, metavar="PATH",
+                        help="the mlserver executable for --peer mlserver")
     parser.set_defaults(func=run_bench)
 
 
@@ -150,7 +156,7 @@ def run_bench(args: argparse.Namespace) -> int:
         return 2
     options = BenchOptions(model=args.model, int8_model=args.int8_model, images=images, threads=args.threads,
                            quick=args.quick, workers=(1, args.workers) if args.workers > 1 else (1,),
-                           token_file=args.token_file)
+                           token_file=args.token_file, peers=tuple(args.peer), mlserver=args.mlserver)
     try:
         results = measure(options, log=lambda line: print(line, file=sys.stderr, flush=True))
     except (RuntimeError, ValueError, OSError) as exc:
@@ -158,7 +164,7 @@ def run_bench(args: argparse.Namespace) -> int:
         return 1
     write_report(results, out, args.plot or out.with_suffix(".png"))
     for target in evaluate_targets(results):
-        verdict = "met" if target.met else "NOT met"
+        verdict = "not measured" if target.met is None else "met" if target.met else "NOT met"
         print(f"{verdict:8s} {target.name}: {target.measured} (goal {target.goal})")
     print(f"wrote {out}")
     return 0

@@ -44,6 +44,8 @@ INLINE_DECODE_PIXELS = 256 * 1024
 # Decode threads: at most this many requests decode at once, each holding about one decoded image, so
 # hostile requests cannot multiply the memory they take by their number.
 DECODE_THREADS = 2
+# Requests of at most this many images count their predictions one by one (cheaper than a bincount).
+COUNT_ONE_BY_ONE = 4
 
 
 @functools.cache
@@ -162,6 +164,7 @@ class Recognizer:
         self._batcher = DynamicBatcher(lambda: self._model, config.max_batch_size, config.max_batch_delay_s,
                                        config.max_queue, metrics)
         self._overrides = RejectionOverrides(config.reject_not_a_digit_below, config.reject_uncertain_below)
+        self._predicted = tuple(metrics.predictions.labels(digit=digit) for digit in DIGITS)  # bound once
         self._rule = (model, self._overrides.apply(model.metadata.rejection))
         metrics.set_model(model.name, model.version, model.sha256, model.provider, model.load_seconds)
 
@@ -313,10 +316,12 @@ class Recognizer:
         self.admit(int(pixels.shape[0]))
         return await self._submit(pixels, inked(pixels), normalized=False, deadline=deadline)
 
-    async def infer_normalized(self, tensor: np.ndarray, deadline: float | None = None) -> Recognition:
-        """Run an already-normalized [n, 1, H, W] float32 tensor (the model's own input space)."""
+    async def infer_normalized(self, tensor: np.ndarray, deadline: float | None = None, *,
+                               finite: bool = False) -> Recognition:
+        """Run an already-normalized [n, 1, H, W] float32 tensor (the model's own input space). NaN or
+        infinity is refused, unless the caller says (`finite`) that it has checked every value already."""
         self.admit(int(tensor.shape[0]))
-        if not np.isfinite(tensor).all():
+        if not finite and not np.isfinite(tensor).all():
             raise RecognizeError("INVALID_ARGUMENT", "input tensor contains NaN or infinity")
         norm = self._model.metadata.normalization
         # Back to pixel/255 for the no-ink test: x * std + mean = pixel * scale, and scale is 1/255.
@@ -359,15 +364,21 @@ class Recognizer:
             # instead of gRPC's UNKNOWN for an unhandled handler exception.
             raise RecognizeError("INTERNAL",
                                  f"inference failed ({type(exc).__name__}); see the server log") from exc
-        if not (np.isfinite(result.logits).all() and np.isfinite(result.probabilities).all()):
+        # The batcher checked the whole batch on its thread; only a batch with a bad row is looked at here.
+        if not result.finite and not (np.isfinite(result.logits).all() and np.isfinite(result.probabilities).all()):
             raise _not_finite(result.model, normalized)
         return result
 
     def _count_predictions(self, recognition: Recognition) -> None:
         accepted = recognition.accepted
+        by_digit = self._predicted
+        if accepted.all() and len(accepted) <= COUNT_ONE_BY_ONE:  # a few images: no bincount
+            for digit in recognition.digits.tolist():
+                by_digit[digit].inc()
+            return
         counts = np.bincount(recognition.digits[accepted], minlength=len(DIGITS))
         for digit in np.flatnonzero(counts):
-            self._metrics.predictions.labels(digit=DIGITS[digit]).inc(int(counts[digit]))
+            by_digit[digit].inc(int(counts[digit]))
         if not accepted.all():
             for reason in rejection.REASONS:
                 count = int((recognition.reasons == reason).sum())

@@ -80,6 +80,10 @@ class Metrics:
             "digits_queue_capacity", "Most images the batch queue holds (--max-queue).", registry=r)
         self.inflight = Gauge(
             "digits_inflight_requests", "Requests being processed.", registry=r)
+        # Kept as a plain count by the request trackers (on the event loop) and read when scraped: a
+        # locked gauge's inc and dec on every request cost more than the count itself.
+        self.inflight_requests = 0
+        self.inflight.set_function(lambda: self.inflight_requests)
         self.rejected = Counter(
             "digits_rejected_requests", "Requests refused before inference, by reason.",
             ["reason"], registry=r)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from service.cli import main
-from service.perf.bench import BenchOptions, BenchResults, Point
+from service.perf.bench import BenchOptions, BenchResults, Point, V2Point
 from service.perf.benchreport import BEGIN, END, evaluate_targets, write_report
 from service.perf.loadstats import Summary
 from tests.harness import FIXTURE_DIR, ROOT, SHIPPED_MODEL
@@ -22,7 +22,7 @@ def test_quick_bench_runs_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixtu
     tokens.write_text("bench-token\n")
     code = main(["bench", "--quick", "--model", str(SHIPPED_MODEL), "--int8-model",
                  str(ROOT / "models" / "lenet5-int8.onnx"), "--images", str(FIXTURE_DIR), "--out", str(out),
-                 "--token-file", str(tokens)])
+                 "--token-file", str(tokens), "--peer", "mlserver"])
     assert code == 0
     text = out.read_text()
     assert text.count(BEGIN) == text.count(END) == 1
@@ -42,6 +42,33 @@ def test_quick_bench_runs_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixtu
     errors = [int(n) for n in re.findall(r"errors (\d+)", captured.err)]
     assert errors and not any(errors), "load points with errors: the token did not reach every server"
     assert "every server ran with --auth-token-file" in text
+    # The floor and MLServer take no token, so with --token-file the v2 comparison says why it is missing.
+    assert "Not measured: Open Inference Protocol: not measured with --token-file" in text
+    assert "### Reading whole numbers" in text
+
+
+def test_quick_bench_measures_ours_the_floor_and_mlserver_with_both_engines(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "benchmarks.md"
+    code = main(["bench", "--quick", "--model", str(SHIPPED_MODEL), "--int8-model", str(tmp_path / "none.onnx"),
+                 "--images", str(FIXTURE_DIR), "--out", str(out), "--workers", "1", "--peer", "mlserver"])
+    assert code == 0
+    text = out.read_text()
+    assert "### Open Inference Protocol: ours against the floor and MLServer" in text
+    rows = {tuple(cell.strip() for cell in line.split("|")[1:5]): line for line in text.splitlines()
+            if line.startswith(("| tritonclient.grpc.aio |", "| perf_analyzer |"))}
+    for c, b, n in ((16, 1, 1), (64, 1, 1), (64, 1, 8), (4, 64, 1)):
+        row = rows[("tritonclient.grpc.aio", str(c), str(b), str(n))]
+        cells = [cell.strip() for cell in row.split("|")[5:8]]
+        assert all(re.fullmatch(r"[\d,]+", cell) for cell in cells), row  # ours, floor and MLServer measured
+    assert re.search(r"\| perf_analyzer \| 16 \| 1 \| 1 \| [\d,]+ \| [\d,]+ \|", text)
+    # MLServer has no ModelConfig, which perf_analyzer reads first: said, not hidden.
+    assert "Not measured: perf_analyzer on MLServer: perf_analyzer exited" in text and "model config" in text
+    printed = capsys.readouterr().out
+    for c, b in ((16, 1), (64, 1), (4, 64)):
+        assert f"Open Inference Protocol c{c} x{b}: ours vs the floor" in printed
+        assert f"Open Inference Protocol c{c} x{b}: ours vs MLServer" in printed
+    assert re.search(r"\| [\d.,]+ \| [\d.]+ \| [\d.]+ \| 0 \| [\d.]+% \|", text)  # the Read point, no errors
 
 
 def _summary(requests_per_s: float, batch: int, p50_ms: float, p99_ms: float) -> Summary:
@@ -71,13 +98,24 @@ def test_targets_are_the_issues_ratios() -> None:
     results = _results()
     targets = {t.name.split(" (")[0].split(":")[0]: t for t in evaluate_targets(results)}
     assert set(targets) == {"Batched requests", "Single images at c64", "Concurrency 1",
-                            "PNG vs raw server CPU per image"}
+                            "PNG vs raw server CPU per image", "Open Inference Protocol c16 x1",
+                            "Open Inference Protocol c64 x1", "Open Inference Protocol c4 x64"}
     assert targets["Batched requests"].met and targets["Batched requests"].measured.startswith("64%")
     assert targets["Single images at c64"].met and targets["Single images at c64"].measured.startswith("3.00x")
     # 1.1 ms against 2 x (0.4 ms round trip + 0.1 ms session.run): 2.2x, over the bound.
     assert not targets["Concurrency 1"].met and targets["Concurrency 1"].measured.startswith("2.20x")
     png = targets["PNG vs raw server CPU per image"]
     assert png.met and png.measured.startswith("1.40x")
+    v2 = [t for t in evaluate_targets(results) if t.name.startswith("Open Inference Protocol")]
+    assert len(v2) == 6 and all(t.met is None and t.measured.startswith("not measured") for t in v2)
+    results.not_measured["MLServer"] = "MLServer is not installed"
+    results.v2 = [V2Point("tritonclient", server, c, b, 1, rate, 0.002, p99) for c, b in ((16, 1), (64, 1), (4, 64))
+                  for server, rate, p99 in (("ours", 3500.0, 0.004), ("floor", 5000.0, 0.003))]
+    named = {t.name: t for t in evaluate_targets(results) if t.name.startswith("Open Inference Protocol")}
+    share = named["Open Inference Protocol c16 x1: ours vs the floor (tritonclient.grpc.aio, FP32)"]
+    assert share.met and share.measured.startswith("0.70 (3,500 vs 5,000")  # 0.70 is the goal: met
+    peer = named["Open Inference Protocol c4 x64: ours vs MLServer (tritonclient.grpc.aio, FP32)"]
+    assert peer.met is None and peer.measured == "not measured: MLServer is not installed"
     results.points[2] = Point("batching on", "raw", 64, 1, _summary(3000, 1, 20, 95), 3.0, 1.0)
     slower_tail = next(t for t in evaluate_targets(results) if t.name.startswith("Single images"))
     assert not slower_tail.met  # 3x the throughput, but a higher p99: not met

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import threading
 import time
 
 import grpc
@@ -131,3 +132,100 @@ def test_sequential_calls_stop_waiting_and_concurrent_calls_batch_again() -> Non
 
 def _count(histogram) -> float:
     return next(s.value for m in histogram.collect() for s in m.samples if s.name.endswith("_count"))
+
+
+def _inked_by_labels(ink: np.ndarray) -> np.ndarray:
+    """The no-ink test without its fast path: every candidate image labelled."""
+    from service.recognition import ink as module
+
+    n, height, width = ink.shape
+    flat = np.clip(ink, 0.0, 1.0) if ink.dtype.kind == "f" else ink
+    peak = flat.reshape(n, -1).max(axis=1).astype(np.float64)
+    result = (peak * 255 if ink.dtype.kind == "f" else peak) >= module.MIN_CONTRAST
+    half = (peak / 2).astype(flat.dtype) if ink.dtype.kind == "f" else ((peak.astype(np.int64) + 1) // 2).astype(
+        flat.dtype)
+    need = max(module.MIN_INK_SIDE, module.MIN_INK_FRACTION * max(height, width))
+    if result.any():
+        candidates = np.flatnonzero(result)
+        result[candidates] = module._labelled(flat[candidates] >= half[candidates][:, None, None], need)
+    return result
+
+
+@settings(max_examples=300, deadline=None)
+@given(arrays(np.uint8, st.tuples(st.integers(1, 5), st.integers(1, 30), st.integers(1, 30)),
+              elements=st.sampled_from([0, 0, 0, 30, 90, 200, 255])))
+def test_the_no_ink_fast_path_answers_as_labelling_every_image(ink: np.ndarray) -> None:
+    from service.recognition.ink import inked
+
+    np.testing.assert_array_equal(inked(ink), _inked_by_labels(ink))
+    as_float = ink.astype(np.float32) / 255
+    np.testing.assert_array_equal(inked(as_float), _inked_by_labels(as_float))
+
+
+def test_the_no_ink_fast_path_on_real_digits_and_large_pages() -> None:
+    from service.recognition.ink import inked
+
+    images, _ = fixture_digits()
+    specks = np.zeros((4, 28, 28), np.uint8)
+    specks[0, 3:6, 3:6] = 255  # 3x3: under MIN_INK_SIDE
+    specks[1, 3:7, 3] = 255  # a 4-pixel stroke: ink
+    specks[2, 3:6, 3:6] = 255
+    specks[2, 10, 10:14] = 255  # a speck and a stroke
+    stack = np.concatenate([images[:64], specks])
+    np.testing.assert_array_equal(inked(stack), _inked_by_labels(stack))
+    assert inked(images[:64]).all() and inked(specks).tolist() == [False, True, True, False]
+    page = np.zeros((2, 600, 500), np.uint8)  # need = 12 pixels: past the fast path, labelled
+    page[0, 100:112, 50:52] = 255
+    page[1, 100:111, 50:52] = 255
+    assert inked(page).tolist() == [True, False]
+
+
+@pytest.mark.parametrize(("threads", "images", "where"), [(1, 1, "test-server"), (1, 16, "test-server"),
+                                                        (1, 17, "inference"), (2, 1, "inference")])
+def test_small_batches_on_one_cpu_thread_run_on_the_loop_and_answer_as_on_the_thread(
+        threads: int, images: int, where: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from service.recognition.batcher import INLINE_MAX_IMAGES, DynamicBatcher
+
+    assert INLINE_MAX_IMAGES == 16
+    ran_on: list[str] = []
+    infer = DynamicBatcher._infer
+
+    def recording(self, *args):
+        ran_on.append(threading.current_thread().name)
+        return infer(self, *args)
+
+    monkeypatch.setattr(DynamicBatcher, "_infer", recording)
+    digits, labels = fixture_digits()
+    pixels = np.resize(digits, (images, 28, 28))
+    with ServerThread(threads=threads, max_batch_size=64, max_images_per_request=256) as server:
+        recognition = server.call(server.recognizer.recognize_pixels(pixels))
+    assert ran_on == [where]
+    truth = np.resize(labels, images)
+    assert (recognition.digits == truth).mean() > 0.95
+
+
+def test_a_caller_while_another_is_in_a_handler_is_not_taken_for_sequential_traffic() -> None:
+    """Batches that run on the loop end before the next caller can find one running, so the batcher
+    also counts the requests in the server's handlers: with another one there, a call waits for
+    company again even after sequential traffic (without this, c16 traffic after c1 traffic ran one
+    request per batch: 700 instead of 2,200 images/s in digits bench)."""
+    delay = 1.0
+    images, _ = fixture_digits()
+    request = digits_pb2.RecognizeRequest(images=[to_image(images[0])])
+    with ServerThread(threads=1, max_batch_delay_ms=delay * 1000) as server, \
+            grpc.insecure_channel(server.target) as channel:
+        stub = digits_pb2_grpc.DigitRecognizerStub(channel)
+        for _ in range(SEQUENTIAL_AFTER + 1):
+            stub.Recognize(request, timeout=30)
+        started = time.perf_counter()
+        stub.Recognize(request, timeout=30)
+        assert time.perf_counter() - started < delay / 2  # sequential: no waiting
+        metrics = server.server.metrics
+        server.call(asyncio.to_thread(lambda: None))  # the loop is idle
+        metrics.inflight_requests += 1  # another request in a handler (as a concurrent caller's would be)
+        try:
+            started = time.perf_counter()
+            stub.Recognize(request, timeout=30)
+            assert time.perf_counter() - started >= delay  # company is expected again: it waited
+        finally:
+            metrics.inflight_requests -= 1
