@@ -14,7 +14,7 @@ from service.api.tracking import RequestTracker, abort, clip, deadline_of
 from service.gen.digits.v1 import digits_pb2, digits_pb2_grpc
 from service.recognition.preprocess import Payload, RawImage
 from service.recognition.reading.reader import Reading
-from service.recognition.recognizer import Recognition, RecognizeError, Recognizer
+from service.recognition.recognizer import SHUTTING_DOWN, Recognition, RecognizeError, Recognizer
 from service.telemetry.logs import short
 from service.telemetry.metrics import Metrics
 
@@ -75,6 +75,7 @@ class DigitRecognizerServicer(digits_pb2_grpc.DigitRecognizerServicer):
         self._unary = RequestTracker(metrics, "Recognize")
         self._stream = RequestTracker(metrics, "RecognizeStream")
         self._read = RequestTracker(metrics, "Read")
+        self.open_streams = 0  # a drain waits for these (server.app)
         self._images = {rpc: metrics.images.labels(rpc=rpc) for rpc in ("Recognize", "Read", "RecognizeStream")}
 
     async def Recognize(self, request: digits_pb2.RecognizeRequest,
@@ -129,6 +130,8 @@ class DigitRecognizerServicer(digits_pb2_grpc.DigitRecognizerServicer):
         and never reads therefore sees the server stop reading its stream (HTTP/2 flow control does the
         rest), and the server holds at most `window` answers for it.
         """
+        if self._recognizer.draining:  # a stream opened before the drain keeps being served, a new one not
+            await self._refuse_stream(context, RecognizeError("UNAVAILABLE", SHUTTING_DOWN))
         window_size = max(1, 4 * self._recognizer.config.max_batch_size)
         window = asyncio.Semaphore(window_size)
         answers: asyncio.Queue[digits_pb2.StreamResponse | None] = asyncio.Queue(maxsize=window_size + 1)
@@ -159,17 +162,23 @@ class DigitRecognizerServicer(digits_pb2_grpc.DigitRecognizerServicer):
                 await answers.put(None)
 
         reader = asyncio.create_task(read())
+        self.open_streams += 1
         try:
             while (reply := await answers.get()) is not None:
                 yield reply  # returns once grpc has taken the message for the wire
                 window.release()
             await reader  # surfaces a read error as the stream's status
         finally:
+            self.open_streams -= 1
             reader.cancel()
         if refused:
-            with self._stream.track(peer, deadline) as outcome:
-                outcome["code"], outcome["reason"] = refused[0].code, refused[0].message
-            await abort(context, refused[0].code, refused[0].message)
+            await self._refuse_stream(context, refused[0])
+
+    async def _refuse_stream(self, context: grpc.aio.ServicerContext, error: RecognizeError) -> None:
+        """End the whole stream with `error`, counted as one answered request."""
+        with self._stream.track(context.peer) as outcome:
+            outcome["code"], outcome["reason"] = error.code, error.message
+        await abort(context, error.code, error.message)
 
     async def _one(self, message: digits_pb2.StreamRequest, deadline: float | None,
                    peer: str) -> digits_pb2.StreamResponse:

@@ -32,7 +32,7 @@ from service.api.http_bodies import HttpError
 from service.api.tracking import RequestTracker, clip
 from service.api.v2_grpc import SERVER_NAME, server_version
 from service.recognition.reading.reader import Reading
-from service.recognition.recognizer import Recognition, RecognizeError, Recognizer
+from service.recognition.recognizer import SHUTTING_DOWN, Recognition, RecognizeError, Recognizer
 from service.telemetry.logs import cut, short
 from service.telemetry.metrics import Metrics
 
@@ -148,9 +148,9 @@ class HttpApi:
             if length is not None and length > self._max_bytes:
                 # Refused from the header alone: nothing of the body is read.
                 return error_response(http_bodies.too_large(length, self._max_bytes))
-            if self._draining and request.method == "POST":
+            if (self._draining or self._recognizer.draining) and request.method == "POST":
                 # A connection kept alive from before SIGTERM: its new calls are refused like new gRPC calls.
-                return error_response(HttpError(503, "UNAVAILABLE", "server is shutting down; retry elsewhere"))
+                return error_response(HttpError(503, "UNAVAILABLE", SHUTTING_DOWN))
             encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
             if request.method == "POST" and encoding not in ("", "identity"):
                 # A compressed body's size says nothing of what it inflates to (2 MB of gzip can be

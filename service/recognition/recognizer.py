@@ -97,6 +97,9 @@ class RecognizerSettings(Protocol):
     def model_name(self) -> str | None: ...
 
 
+SHUTTING_DOWN = "server is shutting down; retry elsewhere"
+
+
 class RecognizeError(Exception):
     """A request cannot be answered. `code` is the gRPC status name the adapters map it to."""
 
@@ -195,14 +198,22 @@ class Recognizer:
         self._decoder.shutdown(wait=False, cancel_futures=True)
 
     def drain(self) -> None:
-        """Refuse new requests (UNAVAILABLE) from now on; those already admitted run to the end."""
+        """Refuse new requests (UNAVAILABLE) from now on; those already admitted run to the end, and so
+        do the next messages of a stream opened before (the stream itself was admitted)."""
         self._draining = True
 
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
     def admit(self, count: int) -> None:
-        """Admit a request of `count` images, or refuse it: UNAVAILABLE while draining, INVALID_ARGUMENT
-        when empty or over --max-images-per-request. Every entry point calls it first."""
+        """Admit a new request of `count` images, or refuse it: UNAVAILABLE while draining, INVALID_ARGUMENT
+        when empty or over --max-images-per-request. Every protocol entry point calls it first."""
         if self._draining:
-            raise RecognizeError("UNAVAILABLE", "server is shutting down; retry elsewhere")
+            raise RecognizeError("UNAVAILABLE", SHUTTING_DOWN)
+        self._check_count(count)
+
+    def _check_count(self, count: int) -> None:
         if count == 0:
             raise RecognizeError("INVALID_ARGUMENT", "request has no images; send 1 or more")
         limit = self._config.max_images_per_request
@@ -216,7 +227,7 @@ class Recognizer:
 
         Raises RecognizeError naming the first bad image by its index.
         """
-        self.admit(len(payloads))
+        self._check_count(len(payloads))
         meta = self._model.metadata
         try:
             return to_pixel_batch(payloads, side=meta.width, max_pixels=self._config.max_image_pixels,
@@ -235,7 +246,7 @@ class Recognizer:
     async def _decode(self, payloads: Sequence[Payload], deadline: float | None) -> np.ndarray:
         """Decode on the loop when the images declare few pixels, else on a decode thread that stops
         between images once the caller is gone or its deadline has passed."""
-        self.admit(len(payloads))
+        self._check_count(len(payloads))
         meta = self._model.metadata
         ready = raw_batch(payloads, meta.width, self._config.max_image_pixels, meta.ink_polarity)
         if ready is not None:
@@ -274,7 +285,7 @@ class Recognizer:
         """Read the line of digits in each image (`service.recognition.reading`). Every image's candidate
         crops go to the batcher in one submission, and all images of the request at once, so they batch
         with each other and with other traffic. Limits are those of `recognize`."""
-        self.admit(len(payloads))
+        self._check_count(len(payloads))
         try:  # headers and the request's pixel budget, before anything is decoded
             for item in open_batch(payloads, self._config.max_image_pixels, self._config.max_request_pixels):
                 if item.image is not None:
@@ -313,14 +324,14 @@ class Recognizer:
 
     async def recognize_pixels(self, pixels: np.ndarray, deadline: float | None = None) -> Recognition:
         """Recognize [n, H, W] MNIST-convention pixels (uint8 0..255 or float32 0..1) as given."""
-        self.admit(int(pixels.shape[0]))
+        self._check_count(int(pixels.shape[0]))
         return await self._submit(pixels, inked(pixels), normalized=False, deadline=deadline)
 
     async def infer_normalized(self, tensor: np.ndarray, deadline: float | None = None, *,
                                finite: bool = False) -> Recognition:
         """Run an already-normalized [n, 1, H, W] float32 tensor (the model's own input space). NaN or
         infinity is refused, unless the caller says (`finite`) that it has checked every value already."""
-        self.admit(int(tensor.shape[0]))
+        self._check_count(int(tensor.shape[0]))
         if not finite and not np.isfinite(tensor).all():
             raise RecognizeError("INVALID_ARGUMENT", "input tensor contains NaN or infinity")
         norm = self._model.metadata.normalization

@@ -52,6 +52,7 @@ class DigitsServer:
         self.metrics = metrics or Metrics()
         self._available = available_providers
         self._grpc: grpc.aio.Server | None = None
+        self._digits: digits_grpc.DigitRecognizerServicer | None = None
         self._health = health.aio.HealthServicer()
         self._metrics_http: MetricsEndpoint | None = None
         self._lag = LoopLagMonitor(self.metrics)
@@ -90,7 +91,8 @@ class DigitsServer:
         self.recognizer.start()
         interceptors = [auth.BearerTokenInterceptor(self._tokens)] if self._tokens else []
         server = grpc.aio.server(options=self._grpc_options(), interceptors=interceptors)
-        digits_grpc.add_to_server(digits_grpc.DigitRecognizerServicer(self.recognizer, self.metrics), server,
+        self._digits = digits_grpc.DigitRecognizerServicer(self.recognizer, self.metrics)
+        digits_grpc.add_to_server(self._digits, server,
                                   self.metrics)
         v2_grpc.add_to_server(v2_grpc.InferenceServicer(self.recognizer, self.metrics, lambda: self.ready), server,
                               self.metrics)
@@ -200,8 +202,13 @@ class DigitsServer:
             # From here every new call is refused (UNAVAILABLE, HTTP 503), also one that reaches a handler
             # in the moment before the gRPC server itself stops taking calls.
             self.recognizer.drain()
-        # gRPC and HTTP drain side by side, both before the batcher closes.
-        await asyncio.gather(*[s.stop(grace) for s in (self._grpc, self._http) if s is not None])
+            # The calls already admitted and the streams already open finish first, while the gRPC server
+            # still takes new calls only to refuse them with UNAVAILABLE: a call that reaches grpc after
+            # its own stop() is cancelled instead, which a client cannot tell from a failure of its own.
+            await self._requests_answered(started + grace)
+        # gRPC and HTTP drain side by side, both before the batcher closes, with what is left of the grace.
+        left = max(0.0, started + grace - time.monotonic())
+        await asyncio.gather(*[s.stop(left) for s in (self._grpc, self._http) if s is not None])
         self._http = None
         if self.recognizer is not None:
             await self.recognizer.close()
@@ -213,6 +220,14 @@ class DigitsServer:
             await self._metrics_http.stop()
             self._metrics_http = None
         log.info("stopped", extra=fields(drain_seconds=round(time.monotonic() - started, 3)))
+
+    async def _requests_answered(self, until: float) -> None:
+        """Wait until no request is in the handlers and no stream is open, or until `until`
+        (time.monotonic())."""
+        def busy() -> bool:
+            return self.metrics.inflight_requests > 0 or (self._digits is not None and self._digits.open_streams > 0)
+        while busy() and time.monotonic() < until:
+            await asyncio.sleep(0.01)  # a shutdown-only wait: a counter checked 100 times a second
 
     async def run_until_signalled(self) -> None:
         """Serve until SIGTERM or SIGINT, then stop gracefully; SIGHUP reloads the model and the tokens."""

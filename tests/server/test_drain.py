@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import queue
 import signal
 import subprocess
 import sys
@@ -125,5 +126,35 @@ def test_when_the_grace_period_runs_out_held_calls_are_cancelled_and_the_process
         code, stderr = server.finish()
     # gRPC cancels what is still running when the grace ends; the client sees the call cut off.
     assert cut.value.code() in (grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE), cut.value
+    assert code == 0, stderr[-2000:]
+    assert '"message": "stopped"' in stderr
+
+
+def test_a_stream_open_before_the_signal_is_served_to_its_end_and_a_new_one_is_refused() -> None:
+    server = Serve("--grace-period-s", "20")
+    try:
+        messages: queue.Queue[digits_pb2.StreamRequest | None] = queue.Queue()
+        replies = server.stub.RecognizeStream(iter(messages.get, None), timeout=60)
+        messages.put(digits_pb2.StreamRequest(id="before", image=to_image(DIGITS[0])))
+        assert next(replies).prediction.digit == LABELS[0]
+        health = server.watch_health()
+        assert next(health).status == health_pb2.HealthCheckResponse.SERVING
+
+        server.proc.send_signal(signal.SIGTERM)
+        assert next(health).status == health_pb2.HealthCheckResponse.NOT_SERVING
+        late = digits_pb2.StreamRequest(id="late", image=to_image(DIGITS[1]))
+        with pytest.raises(grpc.RpcError) as refused:
+            list(server.stub.RecognizeStream(iter([late]), timeout=10))
+        messages.put(digits_pb2.StreamRequest(id="during", image=to_image(DIGITS[3])))
+        during = next(replies)
+        assert server.proc.poll() is None, "the server exited while a stream was open"
+        messages.put(None)  # the client ends its stream: now the server may go
+        assert list(replies) == []
+    finally:
+        server.proc.send_signal(signal.SIGTERM)
+        code, stderr = server.finish()
+    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE, refused.value
+    assert during.WhichOneof("result") == "prediction", during
+    assert (during.id, during.prediction.digit) == ("during", LABELS[3]), during
     assert code == 0, stderr[-2000:]
     assert '"message": "stopped"' in stderr
