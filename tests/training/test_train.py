@@ -117,7 +117,14 @@ def test_holdout_written_without_t10k(tmp_path: Path, mnist_small_dir: Path) -> 
     assert len(heldout) == 60
     indices = json.loads((tmp_path / "run" / "heldout" / "indices.json").read_text())
     assert len(indices["test_indices"]) == 60 and not set(indices["test_indices"]) & set(indices["validation_indices"])
-    assert 0.0 <= result.test_acc <= 1.0
+    # The accuracy the run reports is the selected model's on exactly the files it wrote for `digits evaluate`.
+    from training.model import LeNet5
+    from training.train import measure, to_tensors
+
+    model = LeNet5()
+    model.load_state_dict(weights(result.best_checkpoint))
+    assert measure(model, *to_tensors(heldout))[1] == result.test_acc
+    assert result.test_acc * 60 == round(result.test_acc * 60)  # a count of the 60 held-out digits
 
 
 def test_bad_checkpoint_is_clear_error(tmp_path: Path) -> None:
