@@ -7,9 +7,9 @@ alone whether some ink is one digit or two. In order (docs/reading.md has the fi
    height L (median height of the large components); specks (under SPECK_SIZE * L both ways) dropped.
 2. Working scale: the kept ink resized so that L is WORK_HEIGHT pixels; all later work costs what the
    line's length costs, whatever the photo's resolution.
-3. Cuts: in a component wide enough for two digits, for each slant of SLANTS, the least-ink paths
-   from top to bottom through local minima of its middle row; a cut costs the ink it crosses in
-   stroke widths (about 1 where two digits touch, 2 or more through a 0).
+3. Cuts (`cuts`): in a component wide enough for two digits, the least-ink paths from top to bottom
+   at a few slants; a cut costs the ink it crosses in stroke widths (about 1 where two digits touch,
+   2 or more through a 0).
 4. The graph: nodes where a digit may start (each component's start, each cut, in reading order);
    a candidate runs from one node to a later one, through at most MAX_GROUP components, so the
    pieces of one digit (a 4 in two strokes, a 5 with a detached bar) are joined again. Each comes
@@ -29,20 +29,12 @@ from scipy import ndimage
 
 from service.recognition.ink import MIN_CONTRAST
 from service.recognition.preprocess import INK_THRESHOLD
+from service.recognition.reading.cuts import FAINT_REACH, Cut, candidate_cuts, cross
 
 WORK_HEIGHT = 48  # line height in working pixels: plenty for a 20x20 MNIST crop and for placing cuts
 MAX_UPSCALE = 4.0  # tiny digits are enlarged at most this much
 MAX_WORK_PIXELS = 2_000_000  # the working image is never larger (a 20,000 x 60 strip is 1.2 million)
 SPECK_SIZE = 0.2  # of L: components smaller both ways are specks
-MIN_SPLIT_WIDTH = 0.35  # of L: narrower components are never cut (two touching 1s are about this wide)
-MIN_PIECE_WIDTH = 0.1  # of L: no cut closer than this to a component's side in its middle row
-CUT_SPACING = 0.12  # of L: cuts closer than this on average (over the rows) are one cut
-CUTS_PER_WIDTH = 0.25  # of L: a component gets at most one candidate cut per this much of its width
-MAX_CUT_STROKES = 3.5  # cuts crossing more ink than this many stroke widths are not candidates
-MIN_SIDE_INK = 0.1  # a cut leaves at least this share of its component's ink on either side
-LATERAL_COST = 0.1  # stroke widths per step off a cut's slant: it bends only where that saves ink
-SLANTS = (-0.6, -0.3, 0.0, 0.3, 0.6)  # x per row: the slants of candidate cuts (digits lean both ways)
-FAINT_REACH = 2  # working pixels: faint ink (below the threshold) this close to a component is its own
 MAX_GROUP = 4  # most components in one candidate digit
 MAX_DIGIT_WIDTH = 1.8  # of L (a wide 2 or 5, slanted)
 MIN_DIGIT_HEIGHT = 0.45  # of L
@@ -174,10 +166,6 @@ def _to_working(region: np.ndarray, peak: int, scale: float, stroke: float) -> t
     return work, size[0] / width, size[1] / height
 
 
-Cut = tuple[float, np.ndarray]  # (stroke widths crossed, column per row of the component's box; columns
-# may lie outside the box where a slanted cut passes beside the component)
-
-
 @dataclass
 class _Component:
     """One component at working scale, and its candidate cuts."""
@@ -225,7 +213,7 @@ def _segment_working(work: np.ndarray, line: float, origin: tuple[int, int], sca
         box = (slice(max(0, rows.start - FAINT_REACH), min(work.shape[0], rows.stop + FAINT_REACH)),
                slice(max(0, cols.start - FAINT_REACH), min(work.shape[1], cols.stop + FAINT_REACH)))
         own = owner[box] == number
-        cuts = _cuts(np.where(own, work[box], 0.0) / (255.0 * stroke), line_w)
+        cuts = candidate_cuts(np.where(own, work[box], 0.0) / (255.0 * stroke), line_w)
         components.append(_Component(box, own, own & mask[box], sorted(cuts, key=lambda c: int(c[1][len(c[1]) // 2]))))
     ranked = sorted((cut[0], n, k) for n, c in enumerate(components) for k, cut in enumerate(c.cuts))
     kept = {(n, k) for _, n, k in ranked[:MAX_CUTS]}  # the cheapest MAX_CUTS of the image
@@ -261,7 +249,7 @@ def _slices(component: _Component, line: float) -> dict[tuple[int, int], Span]:
     found = {}
     for a in range(last):
         for b in range(a + 1, last + 1):
-            if a > 0 and b < last and _cross(component.cuts[a - 1][1], component.cuts[b - 1][1]):
+            if a > 0 and b < last and cross(component.cuts[a - 1][1], component.cuts[b - 1][1]):
                 continue
             inked = component.side(a, b) & component.inked
             rows, cols = np.flatnonzero(inked.any(axis=1)), np.flatnonzero(inked.any(axis=0))
@@ -349,92 +337,6 @@ def _graph(work: np.ndarray, components: list[_Component], found: list[tuple[int
     drops = tuple((starts[n], starts[n + 1], float(c.inked.any(axis=1).sum()) / line_w)
                   for n, c in enumerate(components))
     return Segmentation(starts[-1] + 1, tuple(candidates), tuple(strokes), tuple(widths), drops, line)
-
-
-def _cuts(cost: np.ndarray, line: float) -> list[Cut]:
-    """Candidate cuts of one component, given its ink in stroke widths per pixel (`cost`, its box
-    widened by FAINT_REACH): for each slant of SLANTS, the least-ink top-to-bottom paths through the
-    local minima of the middle row, cheapest first, leaving out repeats and slivers."""
-    height, width = cost.shape
-    if width - 2 * FAINT_REACH < MIN_SPLIT_WIDTH * line or height < 2:
-        return []
-    # Ink left of column x in each row, to tell how a path shares the component's ink.
-    left_of = np.concatenate((np.zeros((height, 1)), np.cumsum(cost, axis=1)), axis=1)
-    total = float(left_of[:, -1].sum())
-    margin = FAINT_REACH + max(1, round(MIN_PIECE_WIDTH * line))
-    most = int(np.ceil((width - 2 * FAINT_REACH) / (CUTS_PER_WIDTH * line)))
-    found: list[Cut] = []
-    for strokes, path in sorted((c for slant in SLANTS for c in _slanted_paths(cost, slant, margin, line, 2 * most)),
-                                key=lambda c: c[0]):
-        if len(found) >= most or strokes > MAX_CUT_STROKES:
-            break
-        if any(np.abs(path - other).mean() < CUT_SPACING * line for _, other in found):
-            continue  # the same cut as a cheaper one
-        left = float(left_of[np.arange(height), np.clip(path, 0, width)].sum())
-        if min(left, total - left) < MIN_SIDE_INK * total:
-            continue  # a sliver off the side: no digit ends there
-        found.append((strokes, path))
-    return found
-
-
-def _cross(a: np.ndarray, b: np.ndarray) -> bool:
-    """Whether two cuts cross (each is left of the other somewhere)."""
-    return bool((a < b).any() and (a > b).any())
-
-
-def _slanted_paths(cost: np.ndarray, slant: float, margin: int, line: float, most: int) -> list[Cut]:
-    """The least-cost paths leaning `slant` (x per row, > 0: the top leans right) through the `most`
-    cheapest local minima of the middle row, in the component box's columns."""
-    height, width = cost.shape
-    middle = height // 2
-    # Shear so that paths of this slant are vertical: row y moves by `shift[y]` columns.
-    shift = np.rint(slant * (middle - np.arange(height))).astype(np.int64)
-    pad = int(np.abs(shift).max())
-    columns = np.arange(width + 2 * pad)[None, :] - pad - shift[:, None]  # original column of each cell
-    inside = (columns >= 0) & (columns < width)
-    sheared = np.where(inside, cost[np.arange(height)[:, None], np.clip(columns, 0, width - 1)], 0.0)
-    down, down_step = _descend(sheared)
-    up, up_step = _descend(sheared[::-1])
-    through = down[middle] + up[height - 1 - middle] - sheared[middle]
-    # Ties (a wide gap) are broken towards the column with least ink nearby: the gap's middle.
-    nearby = ndimage.uniform_filter1d(sheared.sum(axis=0), max(1, round(CUT_SPACING * line)))
-    through_tied = through + 1e-3 * nearby
-    x = np.arange(pad + margin, pad + width - margin)  # the middle row is not shifted
-    x = x[(through_tied[x] <= through_tied[x - 1]) & (through_tied[x] <= through_tied[x + 1])]
-    x = x[np.argsort(through[x], kind="stable")[:most]]  # only the cheapest can be kept
-    return [(float(through[i]), columns[np.arange(height), _trace(int(i), middle, down_step, up_step)]) for i in x]
-
-
-def _descend(cost: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Least cost of a path from the top row to every pixel, moving down one row per step and at
-    most one column sideways (LATERAL_COST each), and the step taken into each pixel (-1, 0, 1)."""
-    height, width = cost.shape
-    total = np.empty_like(cost)
-    step = np.zeros((height, width), dtype=np.int8)
-    total[0] = cost[0]
-    from_left = np.full(width, np.inf)
-    from_right = np.full(width, np.inf)
-    for y in range(1, height):
-        above = total[y - 1]
-        from_left[1:] = above[:-1] + LATERAL_COST
-        from_right[:-1] = above[1:] + LATERAL_COST
-        best = np.minimum(np.minimum(from_left, from_right), above)
-        total[y] = cost[y] + best
-        # Straight down wins ties, then from the left.
-        step[y] = np.where(best == above, 0, np.where(best == from_left, -1, 1))
-    return total, step
-
-
-def _trace(x: int, middle: int, down_step: np.ndarray, up_step: np.ndarray) -> np.ndarray:
-    """The path through (middle, x): back up along `down_step`, back down along `up_step`."""
-    height = down_step.shape[0]
-    path = np.empty(height, dtype=np.int64)
-    path[middle] = x
-    for y in range(middle, 0, -1):
-        path[y - 1] = path[y] + down_step[y, path[y]]
-    for y in range(middle, height - 1):  # up_step's rows count from the bottom
-        path[y + 1] = path[y] + up_step[height - 1 - y, path[y]]
-    return path
 
 
 def _box(span: Span, origin: tuple[int, int], scale: tuple[float, float], shape: tuple[int, ...]) -> Box:
