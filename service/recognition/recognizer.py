@@ -5,16 +5,13 @@ REST) is a thin adapter over this class; it owns the current model, the batcher 
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import functools
 import logging
-import threading
 import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 import numpy as np
 
@@ -26,46 +23,20 @@ from service.recognition.batcher import (
     DynamicBatcher,
     QueueFullError,
 )
-from service.recognition.decode import ImageError, Opened, Payload
+from service.recognition.decode import ImageError, Payload
+from service.recognition.decode_pool import DecodePool, DecodeStopped
 from service.recognition.ink import inked
 from service.recognition.model import LoadedModel, ModelLoadError, load_model
 from service.recognition.model_metadata import Rejection
-from service.recognition.preprocess import Stop, open_batch, pixel_batch, raw_batch, to_pixel_batch
+from service.recognition.preprocess import Stop, open_batch, to_pixel_batch
 from service.recognition.reading.reader import Reader, Reading
 from service.recognition.rejection import RejectionOverrides
 from service.telemetry.metrics import DIGITS, Metrics
 
 log = logging.getLogger(__name__)
 
-# Requests whose images declare more pixels than this in all are decoded on a decode thread, so that
-# one large photo (or a small file that declares a huge image) does not stall every other request on
-# the event loop; decoding runs at roughly 15 ns a pixel, so this keeps inline work to a few ms.
-INLINE_DECODE_PIXELS = 256 * 1024
-# Decode threads: at most this many requests decode at once, each holding about one decoded image, so
-# hostile requests cannot multiply the memory they take by their number.
-DECODE_THREADS = 2
 # Requests of at most this many images count their predictions one by one (cheaper than a bincount).
 COUNT_ONE_BY_ONE = 4
-
-
-@functools.cache
-def _libc() -> Any:
-    try:
-        return ctypes.CDLL("libc.so.6")
-    except OSError:  # not glibc
-        return None
-
-
-def _release_freed_memory() -> None:
-    """Hand memory freed by a big decode back to the OS. glibc keeps freed blocks of each thread's arena
-    for reuse, so without this one 25M-pixel request leaves the process tens of MB bigger for good."""
-    libc = _libc()
-    if libc is not None and hasattr(libc, "malloc_trim"):
-        libc.malloc_trim(0)
-
-
-class _Stopped(Exception):
-    """The caller is gone or its deadline passed: stop decoding (raised on the decode thread)."""
 
 
 class RecognizerSettings(Protocol):
@@ -163,7 +134,7 @@ class Recognizer:
         self._metrics = metrics
         self._reload_lock = asyncio.Lock()
         self._draining = False
-        self._decoder = ThreadPoolExecutor(max_workers=DECODE_THREADS, thread_name_prefix="decode")
+        self._decoder = DecodePool()
         self._batcher = DynamicBatcher(lambda: self._model, config.max_batch_size, config.max_batch_delay_s,
                                        config.max_queue, metrics)
         self._overrides = RejectionOverrides(config.reject_not_a_digit_below, config.reject_uncertain_below)
@@ -195,7 +166,7 @@ class Recognizer:
     async def close(self) -> None:
         """Finish queued work and stop the batcher and the decode threads."""
         await self._batcher.close()
-        self._decoder.shutdown(wait=False, cancel_futures=True)
+        self._decoder.close()
 
     def drain(self) -> None:
         """Refuse new requests (UNAVAILABLE) from now on; those already admitted run to the end, and so
@@ -244,42 +215,15 @@ class Recognizer:
         return await self._submit(pixels, inked(pixels), normalized=False, deadline=deadline)
 
     async def _decode(self, payloads: Sequence[Payload], deadline: float | None) -> np.ndarray:
-        """Decode on the loop when the images declare few pixels, else on a decode thread that stops
-        between images once the caller is gone or its deadline has passed."""
         self._check_count(len(payloads))
-        meta = self._model.metadata
-        ready = raw_batch(payloads, meta.width, self._config.max_image_pixels, meta.ink_polarity)
-        if ready is not None:
-            return ready
+        meta, config = self._model.metadata, self._config
         try:
-            opened = open_batch(payloads, self._config.max_image_pixels, self._config.max_request_pixels)
+            return await self._decoder.pixels(payloads, meta.width, meta.ink_polarity, config.max_image_pixels,
+                                              config.max_request_pixels, deadline)
         except ImageError as exc:
             raise RecognizeError(exc.code, f"image {exc.index}: {exc}") from exc
-        if sum(item.declared for item in opened) <= INLINE_DECODE_PIXELS:
-            return self._pixels(opened, None)
-        gone = threading.Event()
-
-        def stop() -> None:
-            if gone.is_set() or (deadline is not None and time.monotonic() >= deadline):
-                raise _Stopped
-        loop = asyncio.get_running_loop()
-        try:
-            return await loop.run_in_executor(self._decoder, self._pixels, opened, stop)
-        except asyncio.CancelledError:
-            gone.set()  # the thread sees it before its next image
-            raise
-        except _Stopped:
+        except DecodeStopped:
             raise RecognizeError("DEADLINE_EXCEEDED", "deadline expired while decoding the images") from None
-
-    def _pixels(self, opened: list[Opened], stop: Stop | None) -> np.ndarray:
-        meta = self._model.metadata
-        try:
-            return pixel_batch(opened, meta.width, meta.ink_polarity, stop)
-        except ImageError as exc:
-            raise RecognizeError(exc.code, f"image {exc.index}: {exc}") from exc
-        finally:
-            if stop is not None:  # a big request, on a decode thread: give its memory back
-                _release_freed_memory()
 
     async def read(self, payloads: Sequence[Payload], deadline: float | None = None) -> list[Reading]:
         """Read the line of digits in each image (`service.recognition.reading`). Every image's candidate
