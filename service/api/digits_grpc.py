@@ -80,45 +80,31 @@ class DigitRecognizerServicer(digits_pb2_grpc.DigitRecognizerServicer):
 
     async def Recognize(self, request: digits_pb2.RecognizeRequest,
                         context: grpc.aio.ServicerContext) -> digits_pb2.RecognizeResponse:
-        error: RecognizeError | None = None
         deadline = deadline_of(context)
-        with self._unary.track(context.peer, deadline) as outcome:
-            try:
-                # Counted once the request's size is known to be acceptable: a refused request of
-                # millions of empty images must not add millions to the counter.
-                self._recognizer.admit(len(request.images))
-                self._images["Recognize"].inc(len(request.images))
-                payloads = [to_payload(image, i) for i, image in enumerate(request.images)]
-                recognition = await self._recognizer.recognize(payloads, deadline)
-            except RecognizeError as exc:
-                outcome["code"], outcome["reason"] = exc.code, exc.message
-                error = exc
-            else:
-                return digits_pb2.RecognizeResponse(predictions=predictions(recognition),
-                                                    model=model_ref(recognition))
-        assert error is not None
-        await abort(context, error.code, error.message)
-        raise AssertionError("unreachable: abort raises")
+        return await self._unary.answer(context, deadline, self._recognize(request, deadline))
+
+    async def _recognize(self, request: digits_pb2.RecognizeRequest,
+                         deadline: float | None) -> digits_pb2.RecognizeResponse:
+        # Counted once the request's size is known to be acceptable: a refused request of millions of
+        # empty images must not add millions to the counter.
+        self._recognizer.admit(len(request.images))
+        self._metrics.images.labels(rpc="Recognize").inc(len(request.images))
+        payloads = [to_payload(image, i) for i, image in enumerate(request.images)]
+        recognition = await self._recognizer.recognize(payloads, deadline)
+        return digits_pb2.RecognizeResponse(predictions=predictions(recognition), model=model_ref(recognition))
 
     async def Read(self, request: digits_pb2.ReadRequest, context: grpc.aio.ServicerContext) -> digits_pb2.ReadResponse:
-        error: RecognizeError | None = None
         deadline = deadline_of(context)
-        with self._read.track(context.peer, deadline) as outcome:
-            try:
-                self._recognizer.admit(len(request.images))
-                self._images["Read"].inc(len(request.images))
-                payloads = [to_payload(image, i) for i, image in enumerate(request.images)]
-                model = self._recognizer.model
-                readings = await self._recognizer.read(payloads, deadline)
-            except RecognizeError as exc:
-                outcome["code"], outcome["reason"] = exc.code, exc.message
-                error = exc
-            else:
-                return digits_pb2.ReadResponse(readings=[reading_of(r) for r in readings],
-                                               model=digits_pb2.ModelRef(name=model.name, version=model.version))
-        assert error is not None
-        await abort(context, error.code, error.message)
-        raise AssertionError("unreachable: abort raises")
+        return await self._read.answer(context, deadline, self._read_numbers(request, deadline))
+
+    async def _read_numbers(self, request: digits_pb2.ReadRequest, deadline: float | None) -> digits_pb2.ReadResponse:
+        self._recognizer.admit(len(request.images))
+        self._metrics.images.labels(rpc="Read").inc(len(request.images))
+        payloads = [to_payload(image, i) for i, image in enumerate(request.images)]
+        model = self._recognizer.model
+        readings = await self._recognizer.read(payloads, deadline)
+        return digits_pb2.ReadResponse(readings=[reading_of(r) for r in readings],
+                                       model=digits_pb2.ModelRef(name=model.name, version=model.version))
 
     async def RecognizeStream(self, request_iterator: AsyncIterator[digits_pb2.StreamRequest],
                               context: grpc.aio.ServicerContext) -> AsyncIterator[digits_pb2.StreamResponse]:

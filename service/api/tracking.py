@@ -6,8 +6,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
-from typing import Any, Literal
+from collections.abc import Awaitable, Callable
+from typing import Any, Literal, TypeVar
 
 import grpc
 
@@ -17,6 +17,7 @@ from service.telemetry.logs import RateLimitedLog
 from service.telemetry.metrics import Metrics
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # Every message a client gets stays far below gRPC's 8 KiB metadata limit (an oversized status message
 # turns the reply into RESOURCE_EXHAUSTED "received metadata size exceeds hard limit"); the parts of
@@ -65,6 +66,20 @@ class RequestTracker:
         passed). `peer` may be a callable (grpc's `context.peer`): it is then asked only when a failure
         is logged. (A class rather than a generator-based context manager: it runs on every request.)"""
         return _Tracked(self, peer, deadline)
+
+    async def answer(self, context: grpc.aio.ServicerContext, deadline: float | None, work: Awaitable[T]) -> T:
+        """One unary gRPC call: await `work` (a coroutine of the handler's), counted once; a RecognizeError
+        it raises ends the call with that status and message."""
+        error: RecognizeError | None = None
+        with self.track(context.peer, deadline) as outcome:
+            try:
+                return await work
+            except RecognizeError as exc:
+                outcome["code"], outcome["reason"] = exc.code, exc.message
+                error = exc
+        assert error is not None
+        await abort(context, error.code, error.message)
+        raise AssertionError("unreachable: abort raises")
 
     def _answered(self, outcome: dict[str, str], started: float, peer: str | Callable[[], str]) -> None:
         metrics = self._metrics

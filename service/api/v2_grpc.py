@@ -117,17 +117,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelInfer(self, request: pb.ModelInferRequest,
                          context: grpc.aio.ServicerContext) -> pb.ModelInferResponse:
-        error: RecognizeError | None = None
         deadline = deadline_of(context)
-        with self._tracker.track(context.peer, deadline) as outcome:
-            try:
-                return await self._infer(request, deadline)
-            except RecognizeError as exc:
-                outcome["code"], outcome["reason"] = exc.code, exc.message
-                error = exc
-        assert error is not None
-        await abort(context, error.code, error.message)
-        raise AssertionError("unreachable: abort raises")
+        return await self._tracker.answer(context, deadline, self._infer(request, deadline))
 
     async def _infer(self, request: pb.ModelInferRequest, deadline: float | None) -> pb.ModelInferResponse:
         model = self._recognizer.model
