@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any, get_type_hints
 
 ENV_PREFIX = "DIGITS_"
-DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "lenet5.onnx"
+# The bundled model, in the repository (the server is installed editable: `make serve`, the image sets DIGITS_MODEL).
+DEFAULT_MODEL = Path(__file__).resolve().parents[2] / "models" / "lenet5.onnx"
 # A model name is a path segment of the v2 REST routes (/v2/models/{name}/infer) and a label value: no
 # slashes, spaces or percent signs. KServe's InferenceService names (DNS-1035 labels) all qualify.
 MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,252}")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -47,6 +48,24 @@ def serve_and_stop(*flags: str, requests: int = 3) -> str:
         _, stderr = proc.communicate(timeout=30)
     assert proc.returncode == 0, stderr[-2000:]
     return stderr
+
+
+def test_serve_with_no_model_flag_serves_the_bundled_model(tmp_path: Path) -> None:
+    """What `make serve` runs: `digits serve` with no --model and no DIGITS_MODEL, here from another folder."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "DIGITS_MODEL"}
+    proc = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--port", str(port), "--metrics-port", "0",
+                             "--threads", "1"], stderr=subprocess.PIPE, text=True, cwd=tmp_path, env=env)
+    try:
+        wait_serving(f"127.0.0.1:{port}", timeout=30)
+        with DigitsClient(f"127.0.0.1:{port}", timeout=10) as client:
+            recognition = client.recognize([DIGITS[0]])
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == 0, stderr[-2000:]
+    assert (recognition.model_name, recognition.model_version) == ("lenet5", "2.0.0")
+    assert recognition.predictions[0].digit == LABELS[0]
 
 
 def test_health_exits_zero_only_when_serving() -> None:
