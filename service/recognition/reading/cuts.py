@@ -14,7 +14,7 @@ from scipy import ndimage
 MIN_SPLIT_WIDTH = 0.35  # of L: narrower components are never cut (two touching 1s are about this wide)
 MIN_PIECE_WIDTH = 0.1  # of L: no cut closer than this to a component's side in its middle row
 CUT_SPACING = 0.12  # of L: cuts closer than this on average (over the rows) are one cut
-CUTS_PER_WIDTH = 0.25  # of L: a component gets at most one candidate cut per this much of its width
+CUTS_PER_WIDTH = 0.15  # of L: at most one cut per this much width (0.25 left the right cut out of overlaps)
 MAX_CUT_STROKES = 3.5  # cuts crossing more ink than this many stroke widths are not candidates
 MIN_SIDE_INK = 0.1  # a cut leaves at least this share of its component's ink on either side
 LATERAL_COST = 0.1  # stroke widths per step off a cut's slant: it bends only where that saves ink
