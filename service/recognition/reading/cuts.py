@@ -2,8 +2,10 @@
 
 For each slant of SLANTS, a dynamic programme finds the least-ink paths from the top row to the bottom
 row through the local minima of the middle row; a path pays the ink it crosses, in stroke widths, and
-LATERAL_COST for every step off its slant. The cheapest, less alike than CUT_SPACING and leaving ink on
-both sides, are the candidates.
+LATERAL_COST for every step off its slant. Drop-fall paths (a ball falling from the top or the bottom
+row around the strokes) join them: where digits overlap they follow one digit's contour into the
+valley where the two touch. The cheapest, less alike than CUT_SPACING and leaving ink on both sides,
+are the candidates.
 """
 
 from __future__ import annotations
@@ -14,21 +16,23 @@ from scipy import ndimage
 MIN_SPLIT_WIDTH = 0.35  # of L: narrower components are never cut (two touching 1s are about this wide)
 MIN_PIECE_WIDTH = 0.1  # of L: no cut closer than this to a component's side in its middle row
 CUT_SPACING = 0.12  # of L: cuts closer than this on average (over the rows) are one cut
-CUTS_PER_WIDTH = 0.25  # of L: a component gets at most one candidate cut per this much of its width
+CUTS_PER_WIDTH = 0.15  # of L: at most one cut per this much width (0.25 left the right cut out of overlaps)
 MAX_CUT_STROKES = 3.5  # cuts crossing more ink than this many stroke widths are not candidates
 MIN_SIDE_INK = 0.1  # a cut leaves at least this share of its component's ink on either side
 LATERAL_COST = 0.1  # stroke widths per step off a cut's slant: it bends only where that saves ink
 SLANTS = (-0.6, -0.3, 0.0, 0.3, 0.6)  # x per row: the slants of candidate cuts (digits lean both ways)
+DROP_SEED_SPACING = 0.1  # of L: drop-fall seeds along the top and bottom rows
 FAINT_REACH = 2  # working pixels: faint ink (below the threshold) this close to a component is its own
 
 Cut = tuple[float, np.ndarray]  # (stroke widths crossed, column per row of the component's box; columns
 # may lie outside the box where a slanted cut passes beside the component)
 
 
-def candidate_cuts(cost: np.ndarray, line: float) -> list[Cut]:
+def candidate_cuts(cost: np.ndarray, line: float, inked: np.ndarray) -> list[Cut]:
     """Candidate cuts of one component, given its ink in stroke widths per pixel (`cost`, its box
-    widened by FAINT_REACH): for each slant of SLANTS, the least-ink top-to-bottom paths through the
-    local minima of the middle row, cheapest first, leaving out repeats and slivers."""
+    widened by FAINT_REACH) and which of its pixels are ink (`inked`): for each slant of SLANTS, the
+    least-ink top-to-bottom paths through the local minima of the middle row, and the drop-fall paths
+    (`_drop_falls`); the cheapest, leaving out repeats and slivers."""
     height, width = cost.shape
     if width - 2 * FAINT_REACH < MIN_SPLIT_WIDTH * line or height < 2:
         return []
@@ -38,7 +42,8 @@ def candidate_cuts(cost: np.ndarray, line: float) -> list[Cut]:
     margin = FAINT_REACH + max(1, round(MIN_PIECE_WIDTH * line))
     most = int(np.ceil((width - 2 * FAINT_REACH) / (CUTS_PER_WIDTH * line)))
     found: list[Cut] = []
-    for strokes, path in sorted(_slanted_paths(cost, margin, line, 2 * most), key=lambda c: c[0]):
+    paths = _slanted_paths(cost, margin, line, 2 * most) + _drop_falls(cost, inked, margin, line)
+    for strokes, path in sorted(paths, key=lambda c: c[0]):
         if len(found) >= most or strokes > MAX_CUT_STROKES:
             break
         if any(np.abs(path - other).mean() < CUT_SPACING * line for _, other in found):
@@ -47,6 +52,37 @@ def candidate_cuts(cost: np.ndarray, line: float) -> list[Cut]:
         if min(left, total - left) < MIN_SIDE_INK * total:
             continue  # a sliver off the side: no digit ends there
         found.append((strokes, path))
+    return found
+
+
+def _drop_falls(cost: np.ndarray, inked: np.ndarray, margin: int, line: float) -> list[Cut]:
+    """Drop-fall paths: from seeds along the top (and, turned over, the bottom) row, a ball that falls
+    straight where it can, else down to one side (left first, or right first), and only where all three
+    pixels below are ink cuts down through it. Between overlapping digits it runs along the contour of
+    one of them into the valley where they touch, where a path of one slant would cross strokes."""
+    height, width = cost.shape
+    step = max(1, round(DROP_SEED_SPACING * line))
+    seeds = np.arange(margin, width - margin, step)
+    if not seeds.size:
+        return []
+    found: list[Cut] = []
+    rows = np.arange(height)
+    for flipped in (False, True):
+        ink = inked[::-1] if flipped else inked
+        free = np.pad(~ink, ((0, 0), (1, 1)), constant_values=False)  # outside the box is blocked
+        for first in (-1, 1):
+            x = seeds.copy()
+            path = np.empty((height, seeds.size), dtype=np.int64)
+            path[0] = x
+            for y in range(height - 1):
+                below = free[y + 1]
+                straight, near, far = below[x + 1], below[x + 1 + first], below[x + 1 - first]
+                x = np.where(straight, x, np.where(near, x + first, np.where(far, x - first, x)))
+                path[y + 1] = x
+            if flipped:
+                path = path[::-1]
+            for k in range(seeds.size):
+                found.append((float(cost[rows, path[:, k]].sum()), path[:, k].copy()))
     return found
 
 

@@ -8,8 +8,8 @@ alone whether some ink is one digit or two. In order (docs/reading.md has the fi
 2. Working scale: the kept ink resized so that L is WORK_HEIGHT pixels; all later work costs what the
    line's length costs, whatever the photo's resolution.
 3. Cuts (`cuts`): in a component wide enough for two digits, the least-ink paths from top to bottom
-   at a few slants; a cut costs the ink it crosses in stroke widths (about 1 where two digits touch,
-   2 or more through a 0).
+   at a few slants, and drop-fall paths around the strokes; a cut costs the ink it crosses in stroke
+   widths (about 1 where two digits touch, 2 or more through a 0).
 4. The graph: nodes where a digit may start (each component's start, each cut, in reading order);
    a candidate runs from one node to a later one, through at most MAX_GROUP components, so the
    pieces of one digit (a 4 in two strokes, a 5 with a detached bar) are joined again. Each comes
@@ -213,7 +213,7 @@ def _segment_working(work: np.ndarray, line: float, origin: tuple[int, int], sca
         box = (slice(max(0, rows.start - FAINT_REACH), min(work.shape[0], rows.stop + FAINT_REACH)),
                slice(max(0, cols.start - FAINT_REACH), min(work.shape[1], cols.stop + FAINT_REACH)))
         own = owner[box] == number
-        cuts = candidate_cuts(np.where(own, work[box], 0.0) / (255.0 * stroke), line_w)
+        cuts = candidate_cuts(np.where(own, work[box], 0.0) / (255.0 * stroke), line_w, own & mask[box])
         components.append(_Component(box, own, own & mask[box], sorted(cuts, key=lambda c: int(c[1][len(c[1]) // 2]))))
     ranked = sorted((cut[0], n, k) for n, c in enumerate(components) for k, cut in enumerate(c.cuts))
     kept = {(n, k) for _, n, k in ranked[:MAX_CUTS]}  # the cheapest MAX_CUTS of the image
