@@ -76,37 +76,20 @@ def plot_confusion_matrix(
     """Counts with true class on rows and predicted class on columns; the diagonal is correct."""
     plt = _pyplot()
     path = Path(path)
-    size = len(labels)
     fig, ax = plt.subplots(figsize=(7, 6), constrained_layout=True)
-    # Log colour scale: otherwise the diagonal swamps the few errors that matter.
-    shown = ax.imshow(np.log1p(matrix), cmap="Blues")
-    fig.colorbar(shown, ax=ax, label="log(1 + count)")
-    ax.set(
-        xticks=range(size),
-        yticks=range(size),
-        xticklabels=labels,
-        yticklabels=labels,
-        xlabel="predicted",
-        ylabel="true",
-        title=title,
-    )
-    threshold = np.log1p(matrix.max()) / 2
-    for i in range(size):
-        for j in range(size):
-            if matrix[i, j]:
-                colour = "white" if np.log1p(matrix[i, j]) > threshold else "black"
-                ax.text(j, i, str(int(matrix[i, j])), ha="center", va="center", color=colour, fontsize=8)
+    _confusion_panel(ax, fig, matrix, labels, title, shrink=1.0)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
 
 
-def _confusion_panel(ax: Any, fig: Any, matrix: np.ndarray, labels: Sequence[str], title: str) -> None:
+def _confusion_panel(ax: Any, fig: Any, matrix: np.ndarray, labels: Sequence[str], title: str,
+                     shrink: float = 0.8) -> None:
     size = len(labels)
     # Log colour scale: otherwise the diagonal swamps the few errors that matter.
     shown = ax.imshow(np.log1p(matrix), cmap="Blues")
-    fig.colorbar(shown, ax=ax, label="log(1 + count)", shrink=0.8)
+    fig.colorbar(shown, ax=ax, label="log(1 + count)", shrink=shrink)
     ax.set(xticks=range(size), yticks=range(size), xticklabels=labels, yticklabels=labels, xlabel="predicted",
            ylabel="true", title=title)
     threshold = np.log1p(matrix.max()) / 2

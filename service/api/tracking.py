@@ -45,8 +45,6 @@ def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
     return None if remaining is None else time.monotonic() + remaining
 
 
-
-
 class RequestTracker:
     """Counts one answered request: status code, latency, in-flight gauge, failure log line."""
 

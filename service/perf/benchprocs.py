@@ -48,6 +48,44 @@ def process_tree_cpu_s(pid: int) -> float | None:
     return total
 
 
+def stop_process(process: subprocess.Popen[bytes] | subprocess.Popen[str], wait_s: float) -> None:
+    """SIGTERM, `wait_s` seconds to exit, then SIGKILL."""
+    if process.poll() is not None:
+        return
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(wait_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(5)
+
+
+class PortProcess:
+    """`python -m MODULE ARGS...` that prints the port it listens on as its first line and serves on
+    127.0.0.1 until SIGTERM; a context manager with `target` and `cpu_s`."""
+
+    def __init__(self, what: str, *module_args: str) -> None:
+        self._what = what
+        self._args = module_args
+
+    def __enter__(self) -> PortProcess:
+        self.process = subprocess.Popen([sys.executable, "-m", *self._args],
+                                        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True)
+        assert self.process.stdout is not None
+        line = self.process.stdout.readline().strip()
+        if not line.isdigit():
+            self.__exit__()
+            raise RuntimeError(f"{self._what} did not start (said {line!r})")
+        self.target = f"127.0.0.1:{line}"
+        return self
+
+    def cpu_s(self) -> float | None:
+        return process_tree_cpu_s(self.process.pid)
+
+    def __exit__(self, *exc: object) -> None:
+        stop_process(self.process, 10)
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that was free a moment ago (for servers that cannot bind port 0)."""
     with socket.socket() as sock:
@@ -99,37 +137,16 @@ class ServerProcess:
         return self._log.read()[-2000:]
 
     def __exit__(self, *exc: object) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(5)
+        if self.process is not None:
+            stop_process(self.process, 30)
         self._log.close()
 
 
-class EchoServer:
+class EchoServer(PortProcess):
     """The trivial grpc.aio servicer (bytes in, 64 bytes out) in its own process: the bare round trip."""
 
-    def __enter__(self) -> EchoServer:
-        self.process = subprocess.Popen([sys.executable, "-m", "service.perf.benchprocs", "echo"],
-                                        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True)
-        assert self.process.stdout is not None
-        line = self.process.stdout.readline().strip()
-        if not line.isdigit():
-            self.__exit__()
-            raise RuntimeError(f"echo server did not start (said {line!r})")
-        self.target = f"127.0.0.1:{line}"
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(5)
+    def __init__(self) -> None:
+        super().__init__("echo server", "service.perf.benchprocs", "echo")
 
 
 async def _echo(request: bytes, context: grpc.aio.ServicerContext) -> bytes:

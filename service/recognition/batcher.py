@@ -219,13 +219,8 @@ class DynamicBatcher:
         model, total = self._current_model(), sum(item.size for item in batch)
         if total <= INLINE_MAX_IMAGES and model.threads == 1 and model.provider == "CPUExecutionProvider":
             # On the loop (see INLINE_MAX_IMAGES); its callers are answered in the loop's next turn.
-            outcome: tuple[np.ndarray, np.ndarray, float, bool] | Exception
-            try:
-                outcome = self._infer(model, batch, total)
-            except Exception as exc:  # a failing session.run must fail its callers, not the loop
-                outcome = exc
             assert self._loop is not None
-            self._loop.call_soon(self._finish, model, batch, total, outcome)
+            self._loop.call_soon(self._finish, model, batch, total, self._outcome(model, batch, total))
             return
         self._jobs.put((model, batch, total))
 
@@ -235,13 +230,8 @@ class DynamicBatcher:
         assert loop is not None
         while (job := self._jobs.get()) is not None:
             model, batch, total = job
-            outcome: tuple[np.ndarray, np.ndarray, float, bool] | Exception
             try:
-                outcome = self._infer(model, batch, total)
-            except Exception as exc:  # a failing session.run must fail its callers, not the thread
-                outcome = exc
-            try:
-                loop.call_soon_threadsafe(self._finish, model, batch, total, outcome)
+                loop.call_soon_threadsafe(self._finish, model, batch, total, self._outcome(model, batch, total))
             except RuntimeError:  # the loop is closed: nobody is waiting any more
                 return
 
@@ -298,9 +288,18 @@ class DynamicBatcher:
             images += item.size
         return batch
 
+    def _outcome(self, model: LoadedModel, batch: list[_Pending],
+                 total: int) -> tuple[np.ndarray, np.ndarray, float, bool] | Exception:
+        """`_infer`, or the exception it raised: a failing session.run must fail the batch's callers,
+        not the loop or the inference thread."""
+        try:
+            return self._infer(model, batch, total)
+        except Exception as exc:
+            return exc
+
     def _infer(self, model: LoadedModel, batch: list[_Pending],
                total: int) -> tuple[np.ndarray, np.ndarray, float, bool]:
-        """On the inference thread: fill the input array, run the session."""
+        """On the inference thread, or on the loop for a small batch: fill the input array, run the session."""
         started = time.perf_counter()
         shape = (total, *model.metadata.input_shape)
         size = int(np.prod(shape))

@@ -28,7 +28,7 @@ from service.recognition.decode_pool import DecodePool, DecodeStopped
 from service.recognition.ink import inked
 from service.recognition.model import LoadedModel, ModelLoadError, load_model
 from service.recognition.model_metadata import Rejection
-from service.recognition.preprocess import Stop, open_batch, to_pixel_batch
+from service.recognition.preprocess import open_batch
 from service.recognition.reading.reader import Reader, Reading
 from service.recognition.rejection import RejectionOverrides
 from service.telemetry.metrics import DIGITS, Metrics
@@ -192,20 +192,6 @@ class Recognizer:
             raise RecognizeError(
                 "INVALID_ARGUMENT",
                 f"request has {count} images; the limit is {limit} per request (--max-images-per-request)")
-
-    def preprocess(self, payloads: Sequence[Payload], stop: Stop | None = None) -> np.ndarray:
-        """Validate and turn payloads into one [n, H, W] MNIST-convention array.
-
-        Raises RecognizeError naming the first bad image by its index.
-        """
-        self._check_count(len(payloads))
-        meta = self._model.metadata
-        try:
-            return to_pixel_batch(payloads, side=meta.width, max_pixels=self._config.max_image_pixels,
-                                  ink_polarity=meta.ink_polarity,
-                                  max_request_pixels=self._config.max_request_pixels, stop=stop)
-        except ImageError as exc:
-            raise RecognizeError(exc.code, f"image {exc.index}: {exc}") from exc
 
     async def recognize(self, payloads: Sequence[Payload], deadline: float | None = None) -> Recognition:
         """Recognize encoded images and/or raw pixels. `deadline` is a time.monotonic() value."""

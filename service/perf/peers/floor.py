@@ -15,7 +15,6 @@ import argparse
 import asyncio
 import contextlib
 import signal
-import subprocess
 import sys
 from collections.abc import Sequence
 
@@ -23,6 +22,7 @@ import grpc
 
 from service.gen.inference import grpc_predict_v2_pb2 as pb
 from service.gen.inference import grpc_predict_v2_pb2_grpc as pb_grpc
+from service.perf.benchprocs import PortProcess
 
 MODEL = "lenet5"
 VERSION = "1"
@@ -134,34 +134,13 @@ async def serve(port: int = 0, ready: asyncio.Future[int] | None = None) -> None
         await server.stop(0)
 
 
-class FloorProcess:
+class FloorProcess(PortProcess):
     """`python -m service.perf.peers.floor` in a subprocess; a context manager with `target`."""
 
     name = "floor"
 
-    def __enter__(self) -> FloorProcess:
-        self.process = subprocess.Popen([sys.executable, "-m", "service.perf.peers.floor"],
-                                        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True)
-        assert self.process.stdout is not None
-        line = self.process.stdout.readline().strip()
-        if not line.isdigit():
-            self.__exit__()
-            raise RuntimeError(f"the floor servicer did not start (said {line!r})")
-        self.target = f"127.0.0.1:{line}"
-        return self
-
-    def cpu_s(self) -> float | None:
-        from service.perf.benchprocs import process_tree_cpu_s
-
-        return process_tree_cpu_s(self.process.pid)
-
-    def __exit__(self, *exc: object) -> None:
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(5)
+    def __init__(self) -> None:
+        super().__init__("the floor servicer", "service.perf.peers.floor")
 
 
 def main(argv: Sequence[str]) -> int:

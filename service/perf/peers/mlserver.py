@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import signal
 import subprocess
 import tempfile
 import time
@@ -25,7 +24,7 @@ import grpc
 
 from service.gen.inference import grpc_predict_v2_pb2 as pb
 from service.gen.inference import grpc_predict_v2_pb2_grpc as pb_grpc
-from service.perf.benchprocs import free_port, process_tree_cpu_s
+from service.perf.benchprocs import free_port, process_tree_cpu_s, stop_process
 
 VERSION = "1.7.1"
 VENV = Path("runs/mlserver-venv")
@@ -109,12 +108,7 @@ class MLServerProcess:
         return " ".join(self._log.read()[-600:].split())
 
     def __exit__(self, *exc: object) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(5)
+        if self.process is not None:
+            stop_process(self.process, 20)
         self._log.close()
         self._folder.cleanup()
