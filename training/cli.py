@@ -94,7 +94,7 @@ RECIPE_FLAGS = {
     "epochs": "--epochs", "seed": "--seed", "lr": "--lr", "lr_schedule": "--lr-schedule",
     "batch_size": "--batch-size", "rotation_deg": "--rotation", "scale": "--scale", "shear": "--shear",
     "shift_px": "--shift", "elastic_alpha": "--elastic-alpha", "elastic_sigma": "--elastic-sigma",
-    "elastic_probability": "--elastic-probability",
+    "elastic_probability": "--elastic-probability", "deskew": "--deskew",
     "label_smoothing": "--label-smoothing", "ema_decay": "--ema", "client_style": "--client-style",
     "client_variants": "--client-variants", "oe_weight": "--oe-weight", "oe_per_digit": "--oe-per-digit",
     "oe_batch": "--oe-batch", "teachers": "--teachers", "distill_weight": "--distill-weight",
@@ -274,6 +274,8 @@ def register(subparsers: Any) -> None:
                         "(Simard: 34; default 0: off)")
     recipe.add_argument("--elastic-sigma", type=float, default=4.0, help="elastic smoothing in pixels (default 4)")
     recipe.add_argument("--elastic-probability", type=float, default=0.5, help="share of images distorted (0.5)")
+    recipe.add_argument("--deskew", action="store_true", help="undo each digit's slant (moment-based "
+                        "deskewing) in front of the network, in the exported graph too (default: off)")
     recipe.add_argument("--label-smoothing", type=float, default=0.05, help="label smoothing (default 0.05)")
     recipe.add_argument("--ema", dest="ema_decay", type=float, default=0.998,
                         help="EMA decay of the weights per step (0: off; default 0.998)")

@@ -34,7 +34,7 @@ from service.recognition.model_metadata import (
     Rejection,
 )
 from service.recognition.preprocess import normalize
-from training.model import ExportModule, LeNet5, count_parameters
+from training.model import ExportModule, LeNet5, count_parameters, lenet5
 from training.train import load_checkpoint
 
 MODEL_NAME = "lenet5"
@@ -242,7 +242,7 @@ def export_checkpoint(
     `parity_pixels` (uint8 [N, 28, 28]) default to the 256 real digits stored in the checkpoint.
     """
     checkpoint = load_checkpoint(checkpoint_path)
-    model = LeNet5()
+    model = lenet5(bool(checkpoint["config"].get("deskew", False)))
     model.load_state_dict(checkpoint["model_state"])
     model.eval()
     out = Path(out)

@@ -8,7 +8,7 @@ torch = pytest.importorskip("torch")
 
 from training.augment import AffineAugment  # noqa: E402
 from training.data import NORMALIZATION  # noqa: E402
-from training.model import EXPECTED_PARAMETERS, ExportModule, LeNet5, count_parameters  # noqa: E402
+from training.model import EXPECTED_PARAMETERS, Deskew, ExportModule, LeNet5, count_parameters, lenet5  # noqa: E402
 
 BACKGROUND = -NORMALIZATION.mean / NORMALIZATION.std
 
@@ -22,6 +22,21 @@ def test_output_shapes(batch: int) -> None:
     logits, probabilities = ExportModule(LeNet5()).eval()(torch.randn(batch, 1, 28, 28))
     assert logits.shape == probabilities.shape == (batch, 10)
     torch.testing.assert_close(probabilities.sum(1), torch.ones(batch))
+
+
+def test_deskew_adds_no_parameters_and_stands_a_leaning_bar_upright() -> None:
+    assert count_parameters(lenet5(deskew=True)) == EXPECTED_PARAMETERS
+    image = torch.full((2, 1, 28, 28), BACKGROUND)
+    for y in range(4, 24):  # a bar leaning right by 0.4 px per row, and one standing upright
+        x = round(14 + 0.4 * (y - 14))
+        image[0, 0, y, x - 1:x + 2] = 2.0
+        image[1, 0, y, 13:16] = 2.0
+    upright = Deskew(BACKGROUND)(image)
+    columns = [float((upright[0, 0, y] > 0).nonzero().float().mean()) for y in range(6, 22)]
+    assert max(columns) - min(columns) <= 1.0  # was 6 px from top to bottom
+    torch.testing.assert_close(upright[1], image[1])  # nothing to undo: unchanged
+    blank = torch.full((1, 1, 28, 28), BACKGROUND)
+    torch.testing.assert_close(Deskew(BACKGROUND)(blank), blank)
 
 
 def test_layer_shapes() -> None:

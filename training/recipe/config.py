@@ -54,6 +54,8 @@ class TrainConfig:
     elastic_alpha: float = 0.0
     elastic_sigma: float = 4.0
     elastic_probability: float = 0.5
+    deskew: bool = False
+    """Put the parameter-free `training.model.Deskew` in front of the network (in the exported graph too)."""
     # --- loss and weights ---
     label_smoothing: float = 0.0
     ema_decay: float = 0.0

@@ -137,7 +137,7 @@ def run_task(task: Task, shared: Shared | None = None) -> TaskResult:
     """Train and measure one task (in a worker process, or here when `shared` is given)."""
     import torch
 
-    from training.model import LeNet5
+    from training.model import lenet5
     from training.recipe.loop import as_input, build_training_set, fit, logits_of
     from training.synth.negatives import NEGATIVES_EVAL_SEED, NEGATIVES_TRAIN_SEED, NEGATIVES_VAL_SEED
 
@@ -157,7 +157,7 @@ def run_task(task: Task, shared: Shared | None = None) -> TaskResult:
     data = build_training_set(config, images, shared.labels[task.train_idx], task.train_idx, renders, negatives)
     teachers = []
     for path in [shared.model_dir / f"{name}.pt" for name in task.teachers] + [Path(p) for p in task.external_teachers]:
-        teacher = LeNet5()
+        teacher = lenet5(config.deskew)
         teacher.load_state_dict(torch.load(path, weights_only=True))
         teachers.append(teacher.eval())
     model, history = fit(config, data, task.seed, teachers, name=task.name)

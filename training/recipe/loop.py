@@ -24,7 +24,7 @@ from tqdm import tqdm
 from service.recognition.preprocess import normalize
 from training.augment import AffineAugment
 from training.data import NORMALIZATION
-from training.model import LeNet5
+from training.model import lenet5
 from training.recipe.config import TrainConfig, learning_rate
 from training.synth.clientstyle import TRAIN_RENDER_SEED, client_style
 from training.synth.negatives import NEGATIVES_TRAIN_SEED, generate, training_counts
@@ -226,7 +226,7 @@ def new_model(config: TrainConfig, seed: int) -> tuple[torch.nn.Module, torch.op
                                                          Ema | None]:
     """A freshly initialised LeNet-5 (from `seed`), its optimizer, random generator and EMA."""
     torch.manual_seed(seed)
-    model = LeNet5()
+    model = lenet5(config.deskew)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     ema = Ema(model, config.ema_decay) if config.ema_decay > 0 else None
     return model, optimizer, torch.Generator().manual_seed(seed), ema
