@@ -71,3 +71,28 @@ def test_client_style_digits_go_through_the_server_recipe(digits: np.ndarray) ->
     # The recipe fits the ink into 20x20 and stretches it to full contrast, as MNIST itself does.
     rows = np.flatnonzero(sent[0].max(axis=1) > 0)
     assert sent.max() == 255 and rows[-1] - rows[0] <= 21
+
+
+def test_neighbour_renders_keep_the_middle_digit_readable(digits: np.ndarray) -> None:
+    import onnxruntime as ort
+
+    from service.recognition.model_metadata import ModelMetadata
+    from service.recognition.preprocess import mnist_recipe, normalize
+    from tests.harness import SHIPPED_MODEL
+    from training.synth.neighbours import neighbour_renders
+
+    images, labels = fixture_digits("train")
+    images, labels = images[:120], labels[:120]
+    renders = neighbour_renders(images, 0, np.arange(120))
+    assert renders.shape == images.shape and renders.dtype == np.uint8
+    # Reproducible per digit index, whatever else is in the batch.
+    np.testing.assert_array_equal(renders[40:50], neighbour_renders(images, 0, np.arange(120))[40:50])
+    assert not np.array_equal(renders, neighbour_renders(images, 1, np.arange(120)))
+    # Each holds a sliver of another digit: never just the digit through the recipe.
+    alone = np.stack([mnist_recipe(d) for d in images])
+    assert np.mean([not np.array_equal(r, a) for r, a in zip(renders, alone, strict=True)]) > 0.95
+    # ... and is still the middle digit: the shipped model, never trained on these, mostly reads it so.
+    session = ort.InferenceSession(str(SHIPPED_MODEL), providers=["CPUExecutionProvider"])
+    metadata = ModelMetadata.from_props(session.get_modelmeta().custom_metadata_map)
+    logits = session.run(None, {metadata.input_name: normalize(renders, metadata.normalization)})[0]
+    assert np.mean(logits.argmax(axis=1) == labels) > 0.8

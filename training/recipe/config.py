@@ -65,6 +65,10 @@ class TrainConfig:
     """Share of training digits shown as a client would send them, through the server's recipe."""
     client_variants: int = 2
     """Client-style renders made per training digit (drawn from at random each time)."""
+    neighbours: float = 0.0
+    """Share of training digits shown with a sliver of a touching neighbour's ink (`training.synth.neighbours`)."""
+    neighbour_variants: int = 2
+    """Neighbour renders made per training digit."""
     oe_weight: float = 0.0
     """Weight of the outlier-exposure loss (cross-entropy to the uniform distribution on negatives)."""
     oe_per_digit: float = 3.0

@@ -28,6 +28,7 @@ from training.model import lenet5
 from training.recipe.config import TrainConfig, learning_rate
 from training.synth.clientstyle import TRAIN_RENDER_SEED, client_style
 from training.synth.negatives import NEGATIVES_TRAIN_SEED, generate, training_counts
+from training.synth.neighbours import neighbour_renders
 
 
 def configure_torch(seed: int, threads: int = 0) -> None:
@@ -50,6 +51,8 @@ class TrainingSet:
     """[N] int64"""
     variants: torch.Tensor | None = None
     """[V, N, 1, 28, 28]: client-style renders of the same digits."""
+    neighboured: torch.Tensor | None = None
+    """[V, N, 1, 28, 28]: the same digits with slivers of touching neighbours' ink."""
     negatives: torch.Tensor | None = None
     """[M, 1, 28, 28] generated non-digits."""
 
@@ -87,10 +90,14 @@ def build_training_set(config: TrainConfig, images: np.ndarray, labels: np.ndarr
         renders = training_renders(images, indices, config.client_variants)
     if config.oe_weight > 0 and negatives is None:
         negatives = negatives_pool(config, len(images), images)
+    neighboured = None
+    if config.neighbours > 0:
+        neighboured = np.stack([neighbour_renders(images, v, indices) for v in range(config.neighbour_variants)])
     return TrainingSet(
         images=as_input(images),
         labels=torch.from_numpy(labels.astype(np.int64)),
         variants=as_input(renders) if config.client_style > 0 and renders is not None else None,
+        neighboured=as_input(neighboured) if neighboured is not None else None,
         negatives=as_input(negatives) if config.oe_weight > 0 and negatives is not None else None,
     )
 
@@ -178,6 +185,10 @@ def train_epoch(
             shown = torch.rand((batch.shape[0], 1, 1, 1), generator=generator) < config.client_style
             variant = torch.randint(0, data.variants.shape[0], (batch.shape[0],), generator=generator)
             inputs = torch.where(shown, data.variants[variant, batch], inputs)
+        if data.neighboured is not None:
+            near = torch.rand((batch.shape[0], 1, 1, 1), generator=generator) < config.neighbours
+            variant = torch.randint(0, data.neighboured.shape[0], (batch.shape[0],), generator=generator)
+            inputs = torch.where(near, data.neighboured[variant, batch], inputs)
         digits = batch.shape[0]
         if data.negatives is not None:
             pick = torch.randint(0, data.negatives.shape[0], (config.oe_batch,), generator=generator)
