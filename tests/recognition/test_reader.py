@@ -178,7 +178,7 @@ def test_a_20000_by_60_strip_reads(digits: tuple[np.ndarray, np.ndarray], classi
 def test_tuning_returns_weights_at_least_as_good_as_the_defaults(digits: tuple[np.ndarray, np.ndarray],
                                                                  classify: Classify) -> None:
     images, labels = digits
-    scoring, rates = asyncio.run(tune(images, labels, classify, per_kind=3, seed=3, rounds=1))
+    scoring, rates = asyncio.run(tune([(images, labels, classify)], per_kind=3, seed=3, rounds=1))
     before = asyncio.run(measure(images, labels, classify, per_kind=3, seed=3, explain=False))
     weighted = sum({"spaced": 0.4, "tight": 0.4, "touching": 0.2}[r.kind] * r.exact_rate for r in before)
     assert isinstance(scoring, Scoring)

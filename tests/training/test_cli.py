@@ -13,6 +13,7 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from training.download import DownloadError, download_mnist
@@ -205,6 +206,22 @@ def test_cross_validated_pipeline_end_to_end(mnist_small_dir: Path, tmp_path: Pa
     done = digits("evaluate", "--model", str(model), "--data-dir", str(run / "heldout"), "--json")
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["count"] == 100
+    # The fold models as ONNX, each beside its held-out digits, give back the out-of-fold outputs.
+    from service.recognition.model import load_model
+    from service.recognition.preprocess import normalize
+    from training.fold_models import export_fold_models
+
+    pairs = export_fold_models(run, data, tmp_path / "folds")
+    out_of_fold = np.load(run / "out-of-fold.npz")
+    row_of = {int(i): row for row, i in enumerate(out_of_fold["idx"])}
+    for (folder, fold_model), fold in zip(pairs, indices["folds"], strict=True):
+        held = load_split(folder, "test")
+        np.testing.assert_array_equal(held.images, load_split(data, "train").images[fold])
+        served = load_model(fold_model, "cpu", 1)
+        logits, _ = served.run(normalize(held.images, served.metadata.normalization))
+        np.testing.assert_allclose(logits, out_of_fold["logits"][[row_of[i] for i in fold]], atol=1e-4)
+        assert served.metadata.calibration is not None
+        assert served.metadata.calibration.temperature == report["calibration"]["temperature"]
 
 
 def test_export_bad_checkpoint(tmp_path: Path) -> None:
