@@ -253,11 +253,11 @@ def digit_matches(reading: Reading, truth: str) -> int:
 
 async def measure(images: np.ndarray, labels: np.ndarray, classify: Classify, per_kind: int, seed: int = 0,
                   lengths: tuple[int, int] = (2, 7), kinds: Sequence[str] = KINDS,
-                  explain: bool = True) -> list[KindResult]:
+                  explain: bool = True, scoring: Scoring | None = None) -> list[KindResult]:
     """Compose `per_kind` numbers of every kind from `images`/`labels` and read them. With `explain`,
     also read each digit alone (to tell the classifier's errors from the segmentation's) and the
     number as naive components (the baseline); without, those counts stay 0."""
-    reader = Reader(classify)
+    reader = Reader(classify, scoring=scoring)
     results = []
     for kind_index, kind in enumerate(kinds):
         rng = np.random.default_rng([seed, kind_index])
