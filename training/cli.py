@@ -95,6 +95,7 @@ RECIPE_FLAGS = {
     "batch_size": "--batch-size", "rotation_deg": "--rotation", "scale": "--scale", "shear": "--shear",
     "shift_px": "--shift", "elastic_alpha": "--elastic-alpha", "elastic_sigma": "--elastic-sigma",
     "elastic_probability": "--elastic-probability", "deskew": "--deskew",
+    "dropout": "--dropout", "weight_decay": "--weight-decay",
     "label_smoothing": "--label-smoothing", "ema_decay": "--ema", "client_style": "--client-style",
     "client_variants": "--client-variants", "neighbours": "--neighbours",
     "neighbour_variants": "--neighbour-variants", "oe_weight": "--oe-weight", "oe_per_digit": "--oe-per-digit",
@@ -277,6 +278,10 @@ def register(subparsers: Any) -> None:
     recipe.add_argument("--elastic-probability", type=float, default=0.5, help="share of images distorted (0.5)")
     recipe.add_argument("--deskew", action="store_true", help="undo each digit's slant (moment-based "
                         "deskewing) in front of the network, in the exported graph too (default: off)")
+    recipe.add_argument("--dropout", type=float, default=0.0, help="dropout after each hidden dense layer "
+                        "while training (default 0: off)")
+    recipe.add_argument("--weight-decay", type=float, default=0.0, help="decoupled weight decay, AdamW "
+                        "(default 0: Adam)")
     recipe.add_argument("--label-smoothing", type=float, default=0.05, help="label smoothing (default 0.05)")
     recipe.add_argument("--ema", dest="ema_decay", type=float, default=0.998,
                         help="EMA decay of the weights per step (0: off; default 0.998)")

@@ -59,12 +59,15 @@ class LeNet5(nn.Module):
 
     conv 6@5x5 (padding 2) - ReLU - maxpool 2 - conv 16@5x5 - ReLU - maxpool 2 - 400 - 120 - 84 - 10.
     With `deskew_background` (the normalized value of an empty pixel), a parameter-free `Deskew` stands
-    in front of the first convolution.
+    in front of the first convolution; with `dropout` > 0, dropout follows each hidden dense layer while
+    training (no parameters either: the exported graph is the same network).
     """
 
-    def __init__(self, num_classes: int = NUM_CLASSES, deskew_background: float | None = None) -> None:
+    def __init__(self, num_classes: int = NUM_CLASSES, deskew_background: float | None = None,
+                 dropout: float = 0.0) -> None:
         super().__init__()
         self.deskew = Deskew(deskew_background) if deskew_background is not None else None
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else None
         self.features = nn.Sequential(
             nn.Conv2d(1, 6, kernel_size=5, padding=2),
             nn.ReLU(),
@@ -86,12 +89,19 @@ class LeNet5(nn.Module):
         """Logits [N, 10] for normalized images [N, 1, 28, 28]."""
         if self.deskew is not None:
             x = self.deskew(x)
-        return self.classifier(self.features(x))
+        x = self.features(x)
+        if self.dropout is None:
+            return self.classifier(x)
+        for layer in self.classifier:  # the same layers (and weight names), dropout after each hidden ReLU
+            x = layer(x)
+            if isinstance(layer, nn.ReLU):
+                x = self.dropout(x)
+        return x
 
 
-def lenet5(deskew: bool = False) -> LeNet5:
+def lenet5(deskew: bool = False, dropout: float = 0.0) -> LeNet5:
     """A fresh LeNet-5 for the MNIST normalization, with the `Deskew` front when `deskew`."""
-    return LeNet5(deskew_background=-NORMALIZATION.mean / NORMALIZATION.std if deskew else None)
+    return LeNet5(deskew_background=-NORMALIZATION.mean / NORMALIZATION.std if deskew else None, dropout=dropout)
 
 
 class ExportModule(nn.Module):

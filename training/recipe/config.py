@@ -57,6 +57,10 @@ class TrainConfig:
     deskew: bool = False
     """Put the parameter-free `training.model.Deskew` in front of the network (in the exported graph too)."""
     # --- loss and weights ---
+    dropout: float = 0.0
+    """Dropout after each hidden dense layer while training (0: off)."""
+    weight_decay: float = 0.0
+    """Decoupled weight decay (AdamW) per step, times the learning rate (0: plain Adam)."""
     label_smoothing: float = 0.0
     ema_decay: float = 0.0
     """Exponential moving average of the weights per step (0: off); the average is what is evaluated."""

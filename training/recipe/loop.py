@@ -237,8 +237,9 @@ def new_model(config: TrainConfig, seed: int) -> tuple[torch.nn.Module, torch.op
                                                          Ema | None]:
     """A freshly initialised LeNet-5 (from `seed`), its optimizer, random generator and EMA."""
     torch.manual_seed(seed)
-    model = lenet5(config.deskew)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    model = lenet5(config.deskew, config.dropout)
+    optimizer = (torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+                 if config.weight_decay > 0 else torch.optim.Adam(model.parameters(), lr=config.lr))
     ema = Ema(model, config.ema_decay) if config.ema_decay > 0 else None
     return model, optimizer, torch.Generator().manual_seed(seed), ema
 
