@@ -30,28 +30,37 @@ class Deskew(nn.Module):
     def __init__(self, background: float, side: int = 28) -> None:
         super().__init__()
         self.background = float(background)
-        # Pixel centres in grid_sample's [-1, 1] coordinates (align_corners=False).
-        centres = (torch.arange(side, dtype=torch.float32) * 2 + 1) / side - 1
-        self.register_buffer("centres", centres, persistent=False)
+        self.side = side
+        self.register_buffer("centres", torch.arange(side, dtype=torch.float32), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Deskewed images [N, 1, H, W], still normalized."""
-        ink = (x - self.background)[:, 0].clamp_min(0)
-        ys, xs = self.centres.view(1, -1, 1), self.centres.view(1, 1, -1)
-        total = ink.sum(dim=(1, 2)).clamp_min(1e-6)
-        mean_y = (ink * ys).sum(dim=(1, 2)) / total
-        mean_x = (ink * xs).sum(dim=(1, 2)) / total
-        dy = ys - mean_y.view(-1, 1, 1)
-        dx = xs - mean_x.view(-1, 1, 1)
-        covariance = (ink * dx * dy).sum(dim=(1, 2)) / total
-        variance = (ink * dy * dy).sum(dim=(1, 2)) / total
+        # Moments from row and column sums and one product over the pixels (not one per moment): what the
+        # graph costs in onnxruntime is the number of passes over [N, H, W] (a batched MatMul by a vector
+        # costs it more than the network).
+        shifted = x - self.background
+        ink = shifted[:, 0].clamp_min(0)
+        at = self.centres
+        rows = ink.sum(dim=2)  # [N, H]
+        total = rows.sum(dim=1).clamp_min(1e-6)
+        mean_y = (rows * at).sum(dim=1) / total
+        mean_x = (ink.sum(dim=1) * at).sum(dim=1) / total
+        covariance = ((ink * at).sum(dim=2) * at).sum(dim=1) / total - mean_x * mean_y
+        variance = (rows * (at * at)).sum(dim=1) / total - mean_y * mean_y
         slant = (covariance / variance.clamp_min(1e-6)).clamp(-MAX_DESKEW_SHEAR, MAX_DESKEW_SHEAR)
-        # Output pixel (x, y) samples the input at (x + slant * (y - mean_y), y).
-        grid_x = xs + slant.view(-1, 1, 1) * dy
-        grid_y = ys.expand_as(grid_x)
-        grid = torch.stack([grid_x, grid_y], dim=3)
-        return F.grid_sample(x - self.background, grid, mode="bilinear", padding_mode="zeros",
-                             align_corners=False) + self.background
+        # Row i moves by slant * (i - mean row) pixels: output column j reads the input at j + that, linearly
+        # between two pixels. The padding is empty ink, wide enough for the largest shift, so no index
+        # needs clamping or masking. (grid_sample gives the same, but onnxruntime's GridSample costs more
+        # than the whole network.)
+        shift = slant.unsqueeze(1) * (at.unsqueeze(0) - mean_y.unsqueeze(1))  # [N, H]
+        left = torch.floor(shift)
+        weight = (shift - left).view(-1, 1, self.side, 1)
+        pad = int(MAX_DESKEW_SHEAR * self.side) + 2
+        padded = F.pad(shifted, (pad, pad))
+        index = (at.view(1, 1, -1) + left.unsqueeze(2) + pad).long().unsqueeze(1)  # [N, 1, H, W]
+        first = torch.gather(padded, 3, index)
+        second = torch.gather(padded, 3, index + 1)
+        return first + weight * (second - first) + self.background
 
 
 class LeNet5(nn.Module):

@@ -34,7 +34,7 @@ def test_deskew_adds_no_parameters_and_stands_a_leaning_bar_upright() -> None:
     upright = Deskew(BACKGROUND)(image)
     columns = [float((upright[0, 0, y] > 0).nonzero().float().mean()) for y in range(6, 22)]
     assert max(columns) - min(columns) <= 1.0  # was 6 px from top to bottom
-    torch.testing.assert_close(upright[1], image[1])  # nothing to undo: unchanged
+    torch.testing.assert_close(upright[1], image[1], atol=1e-4, rtol=0)  # nothing to undo: unchanged
     blank = torch.full((1, 1, 28, 28), BACKGROUND)
     torch.testing.assert_close(Deskew(BACKGROUND)(blank), blank)
 
