@@ -13,7 +13,7 @@ A server with --auth-token-file wants a bearer token on every call: `DigitsClien
 from __future__ import annotations
 
 import collections
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -227,6 +227,17 @@ class DigitsClient:
         response = self._stub.Read(request, timeout=self._timeout)
         return ReadReply(readings=[Reading.from_proto(r) for r in response.readings],
                          model_name=response.model.name, model_version=response.model.version)
+
+    def read_stream(self, images: Iterable[ImageLike]) -> Iterator[tuple[int, Reading | Failure]]:
+        """Read each image over one `ReadStream`, sending as the server takes them: yields (index in
+        `images`, reading) as readings come back, in the order they are ready. A bad image yields a
+        Failure and the stream goes on; a failure of the whole stream raises grpc.RpcError."""
+        requests = (digits_pb2.StreamRequest(id=str(i), image=to_image(image)) for i, image in enumerate(images))
+        for reply in self._stub.ReadStream(requests, timeout=self._timeout):
+            if reply.WhichOneof("result") == "error":
+                yield int(reply.id), Failure(reply.error.code, reply.error.message)
+            else:
+                yield int(reply.id), Reading.from_proto(reply.reading)
 
     def recognize_many(self, images: Sequence[ImageLike | Failure], batch: int = 64,
                        in_flight: int = 4) -> tuple[list[Result | Failure], str]:

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import AsyncIterator, Iterator
-from typing import Any
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator
+from typing import Any, TypeVar
 
 import grpc
 
@@ -16,10 +17,11 @@ from service.recognition.preprocess import Payload, RawImage
 from service.recognition.reading.reader import Reading
 from service.recognition.recognizer import SHUTTING_DOWN, Recognition, RecognizeError, Recognizer
 from service.telemetry.logs import short
-from service.telemetry.metrics import Metrics
+from service.telemetry.metrics import GRPC_RPCS, Metrics
 
 log = logging.getLogger(__name__)
 
+Reply = TypeVar("Reply", digits_pb2.StreamResponse, digits_pb2.ReadStreamResponse)
 DTYPE_NAMES = {digits_pb2.DTYPE_UINT8: "uint8", digits_pb2.DTYPE_FLOAT32: "float32"}
 
 
@@ -75,8 +77,9 @@ class DigitRecognizerServicer(digits_pb2_grpc.DigitRecognizerServicer):
         self._unary = RequestTracker(metrics, "Recognize")
         self._stream = RequestTracker(metrics, "RecognizeStream")
         self._read = RequestTracker(metrics, "Read")
+        self._read_stream = RequestTracker(metrics, "ReadStream")
         self.open_streams = 0  # a drain waits for these (server.app)
-        self._images = {rpc: metrics.images.labels(rpc=rpc) for rpc in ("Recognize", "Read", "RecognizeStream")}
+        self._images = {rpc: metrics.images.labels(rpc=rpc) for rpc in GRPC_RPCS}
 
     async def Recognize(self, request: digits_pb2.RecognizeRequest,
                         context: grpc.aio.ServicerContext) -> digits_pb2.RecognizeResponse:
@@ -108,8 +111,29 @@ class DigitRecognizerServicer(digits_pb2_grpc.DigitRecognizerServicer):
 
     async def RecognizeStream(self, request_iterator: AsyncIterator[digits_pb2.StreamRequest],
                               context: grpc.aio.ServicerContext) -> AsyncIterator[digits_pb2.StreamResponse]:
-        """Every image is recognized concurrently (so a stream's images batch together); answers
-        go out as they are ready, each carrying its request's id.
+        """Every image is recognized concurrently (so a stream's images batch together); answers go
+        out as they are ready, each carrying its request's id (`_serve_stream`)."""
+        # grpc.aio serves a stream from an async generator function; aclosing runs the inner one's
+        # cleanup when grpc closes this one (a cancelled call), not whenever it is garbage-collected.
+        async with contextlib.aclosing(self._serve_stream(request_iterator, context, self._stream,
+                                                          self._one)) as replies:
+            async for reply in replies:
+                yield reply
+
+    async def ReadStream(self, request_iterator: AsyncIterator[digits_pb2.StreamRequest],
+                         context: grpc.aio.ServicerContext) -> AsyncIterator[digits_pb2.ReadStreamResponse]:
+        """`Read` over a stream: every image is read concurrently, each reading goes out when ready with
+        its request's id (`_serve_stream`)."""
+        async with contextlib.aclosing(self._serve_stream(request_iterator, context, self._read_stream,
+                                                          self._read_one)) as replies:
+            async for reply in replies:
+                yield reply
+
+    async def _serve_stream(self, request_iterator: AsyncIterator[digits_pb2.StreamRequest],
+                            context: grpc.aio.ServicerContext, tracker: RequestTracker,
+                            one: Callable[[digits_pb2.StreamRequest, float | None, str], Awaitable[Reply]],
+                            ) -> AsyncGenerator[Reply, None]:
+        """Answer every message of a stream with `one`, concurrently, as the answers are ready.
 
         Backpressure: at most `window` of the stream's images are in the server at once, counted from
         when a message is read until its answer has been written to the client. A client that writes
@@ -117,16 +141,17 @@ class DigitRecognizerServicer(digits_pb2_grpc.DigitRecognizerServicer):
         rest), and the server holds at most `window` answers for it.
         """
         if self._recognizer.draining:  # a stream opened before the drain keeps being served, a new one not
-            await self._refuse_stream(context, RecognizeError("UNAVAILABLE", SHUTTING_DOWN))
+            await self._refuse_stream(context, tracker, RecognizeError("UNAVAILABLE", SHUTTING_DOWN))
         window_size = max(1, 4 * self._recognizer.config.max_batch_size)
         window = asyncio.Semaphore(window_size)
-        answers: asyncio.Queue[digits_pb2.StreamResponse | None] = asyncio.Queue(maxsize=window_size + 1)
+        answers: asyncio.Queue[Reply | None] = asyncio.Queue(maxsize=window_size + 1)
         deadline = deadline_of(context)
         peer = context.peer()
         refused: list[RecognizeError] = []
+        images = self._images[tracker.rpc]
 
         async def answer(message: digits_pb2.StreamRequest) -> None:
-            await answers.put(await self._one(message, deadline, peer))
+            await answers.put(await one(message, deadline, peer))
 
         async def read() -> None:
             tasks: set[asyncio.Task[None]] = set()
@@ -136,7 +161,7 @@ class DigitRecognizerServicer(digits_pb2_grpc.DigitRecognizerServicer):
                         refused.append(RecognizeError("INVALID_ARGUMENT", f"stream message: {message.message}"))
                         break
                     await window.acquire()
-                    self._images["RecognizeStream"].inc()
+                    images.inc()
                     task = asyncio.create_task(answer(message))
                     tasks.add(task)
                     task.add_done_callback(tasks.discard)
@@ -158,29 +183,51 @@ class DigitRecognizerServicer(digits_pb2_grpc.DigitRecognizerServicer):
             self.open_streams -= 1
             reader.cancel()
         if refused:
-            await self._refuse_stream(context, refused[0])
+            await self._refuse_stream(context, tracker, refused[0])
 
-    async def _refuse_stream(self, context: grpc.aio.ServicerContext, error: RecognizeError) -> None:
+    async def _refuse_stream(self, context: grpc.aio.ServicerContext, tracker: RequestTracker,
+                             error: RecognizeError) -> None:
         """End the whole stream with `error`, counted as one answered request."""
-        with self._stream.track(context.peer) as outcome:
+        with tracker.track(context.peer) as outcome:
             outcome["code"], outcome["reason"] = error.code, error.message
         await abort(context, error.code, error.message)
+
+    def _model_ref(self) -> digits_pb2.ModelRef:
+        model = self._recognizer.model
+        return digits_pb2.ModelRef(name=model.name, version=model.version)
 
     async def _one(self, message: digits_pb2.StreamRequest, deadline: float | None,
                    peer: str) -> digits_pb2.StreamResponse:
         with self._stream.track(peer, deadline) as outcome:
             try:
-                if not message.HasField("image"):
-                    raise RecognizeError("INVALID_ARGUMENT", f"stream message {short(message.id)} has no image")
-                recognition = await self._recognizer.recognize([to_payload(message.image, 0)], deadline)
+                recognition = await self._recognizer.recognize([_stream_payload(message)], deadline)
             except RecognizeError as exc:
                 outcome["code"], outcome["reason"] = exc.code, exc.message
-                model = self._recognizer.model
-                return digits_pb2.StreamResponse(
-                    id=message.id, error=digits_pb2.StreamError(code=exc.code, message=clip(exc.message)),
-                    model=digits_pb2.ModelRef(name=model.name, version=model.version))
+                return digits_pb2.StreamResponse(id=message.id, error=_stream_error(exc), model=self._model_ref())
             prediction = next(predictions(recognition))
             return digits_pb2.StreamResponse(id=message.id, prediction=prediction, model=model_ref(recognition))
+
+    async def _read_one(self, message: digits_pb2.StreamRequest, deadline: float | None,
+                        peer: str) -> digits_pb2.ReadStreamResponse:
+        with self._read_stream.track(peer, deadline) as outcome:
+            try:
+                model = self._model_ref()  # the model that reads it: a reload may swap it meanwhile
+                (reading,) = await self._recognizer.read([_stream_payload(message)], deadline)
+            except RecognizeError as exc:
+                outcome["code"], outcome["reason"] = exc.code, exc.message
+                return digits_pb2.ReadStreamResponse(id=message.id, error=_stream_error(exc),
+                                                     model=self._model_ref())
+            return digits_pb2.ReadStreamResponse(id=message.id, reading=reading_of(reading), model=model)
+
+
+def _stream_payload(message: digits_pb2.StreamRequest) -> Payload:
+    if not message.HasField("image"):
+        raise RecognizeError("INVALID_ARGUMENT", f"stream message {short(message.id)} has no image")
+    return to_payload(message.image, 0)
+
+
+def _stream_error(exc: RecognizeError) -> digits_pb2.StreamError:
+    return digits_pb2.StreamError(code=exc.code, message=clip(exc.message))
 
 
 def add_to_server(servicer: DigitRecognizerServicer, server: Any, metrics: Metrics) -> None:

@@ -50,7 +50,7 @@ class RequestTracker:
 
     def __init__(self, metrics: Metrics, rpc: str) -> None:
         self._metrics = metrics
-        self._rpc = rpc
+        self.rpc = rpc
         # The label children, bound once (a labels() lookup costs more than the increment).
         self._codes: dict[str, Any] = {}
         self._seconds: Any = None  # bound at the first answer: an RPC never called exports no series
@@ -85,13 +85,13 @@ class RequestTracker:
         code = outcome["code"]
         counter = self._codes.get(code)
         if counter is None:
-            counter = self._codes[code] = metrics.requests.labels(rpc=self._rpc, code=code)
+            counter = self._codes[code] = metrics.requests.labels(rpc=self.rpc, code=code)
         counter.inc()
         if self._seconds is None:
-            self._seconds = metrics.request_seconds.labels(rpc=self._rpc)
+            self._seconds = metrics.request_seconds.labels(rpc=self.rpc)
         self._seconds.observe(time.perf_counter() - started)
         if code != "OK":
-            self._failures.warning((code,), "request failed", rpc=self._rpc, code=code,
+            self._failures.warning((code,), "request failed", rpc=self.rpc, code=code,
                                    reason=clip(outcome.get("reason", "")),
                                    peer=peer if isinstance(peer, str) else peer())
 

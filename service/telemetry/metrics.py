@@ -36,7 +36,7 @@ LAG_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 
 DIGITS = tuple(str(d) for d in range(10))
 # Series that exist from the first scrape, so that rate() sees their first increment and the
 # "no successful requests" alert has an OK series to look at before any traffic arrives.
-GRPC_RPCS = ("Recognize", "RecognizeStream", "Read")
+GRPC_RPCS = ("Recognize", "RecognizeStream", "Read", "ReadStream")
 # service.recognition.rejection.REASONS, repeated because telemetry sits below every other room.
 REJECTION_REASONS = ("no_ink", "not_a_digit", "uncertain")
 

@@ -14,7 +14,7 @@ import grpc
 import numpy as np
 import pytest
 
-from service.client import DigitsClient
+from service.client import DigitsClient, Failure
 from service.gen.digits.v1 import digits_pb2, digits_pb2_grpc
 from service.perf.numbers import KINDS, Number, compose
 from tests.harness import ServerThread, fixture_digits, free_port, multipart, request, scrape
@@ -114,6 +114,50 @@ def test_digits_read_on_many_files_keeps_their_order(server, numbers, tmp_path: 
     assert [r["file"] for r in rows] == [str(f) for f in files]
     good = [r for r in rows if "text" in r]
     assert len(good) == 40 and all({"file", "text", "confidence", "accepted", "digits"} <= set(r) for r in good)
+
+
+def test_read_stream_answers_every_image_by_id_as_read_would(server, numbers) -> None:
+    every = [n for kind in KINDS for n in numbers[kind]]
+    images = [digits_pb2.Image(encoded=n.png) for n in every] + [BLANK]
+    metrics = scrape(server.server.metrics_port)
+    streamed_before = metrics.value("digits_images_received_total", rpc="ReadStream")
+    ok_before = metrics.value("digits_requests_total", rpc="ReadStream", code="OK")
+
+    def messages() -> Iterator[digits_pb2.StreamRequest]:
+        for i, image in enumerate(images):
+            yield digits_pb2.StreamRequest(id=f"n-{i}", image=image)
+        yield digits_pb2.StreamRequest(id="broken", image=digits_pb2.Image(encoded=b"not an image"))
+        yield digits_pb2.StreamRequest(id="empty")
+        yield digits_pb2.StreamRequest(id="after", image=images[0])
+
+    with grpc.insecure_channel(server.target) as channel:
+        stub = digits_pb2_grpc.DigitRecognizerStub(channel)
+        unary = stub.Read(digits_pb2.ReadRequest(images=images), timeout=60).readings
+        replies = {r.id: r for r in stub.ReadStream(messages(), timeout=60)}
+    assert len(replies) == len(images) + 3
+    for i, reading in enumerate(unary):  # the same readings, digit for digit and box for box
+        assert replies[f"n-{i}"].reading == reading, f"number {i}"
+    assert replies["n-0"].model.name == "lenet5" and replies["n-0"].model.version
+    assert replies[f"n-{len(images) - 1}"].reading.rejection == digits_pb2.REJECTION_NO_INK
+    broken, empty = replies["broken"], replies["empty"]
+    assert (broken.WhichOneof("result"), broken.error.code) == ("error", "INVALID_ARGUMENT")
+    assert "cannot decode" in broken.error.message
+    assert (empty.error.code, "has no image" in empty.error.message) == ("INVALID_ARGUMENT", True)
+    assert replies["after"].reading == unary[0]
+    metrics = scrape(server.server.metrics_port)
+    assert metrics.value("digits_images_received_total", rpc="ReadStream") - streamed_before == len(images) + 3
+    assert metrics.value("digits_requests_total", rpc="ReadStream", code="OK") - ok_before == len(images) + 1
+
+
+def test_python_client_read_stream(server, numbers) -> None:
+    spaced = numbers["spaced"]
+    with DigitsClient(server.target, timeout=60) as client:
+        unary = client.read([n.png for n in spaced]).readings
+        streamed = dict(client.read_stream([*(n.png for n in spaced), b"not an image"]))
+    assert sorted(streamed) == list(range(len(spaced) + 1))
+    assert [streamed[i] for i in range(len(spaced))] == unary
+    failure = streamed[len(spaced)]
+    assert isinstance(failure, Failure) and failure.code == "INVALID_ARGUMENT"
 
 
 def test_reading_metrics(server) -> None:

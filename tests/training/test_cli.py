@@ -209,7 +209,7 @@ def test_cross_validated_pipeline_end_to_end(mnist_small_dir: Path, tmp_path: Pa
     # The fold models as ONNX, each beside its held-out digits, give back the out-of-fold outputs.
     from service.recognition.model import load_model
     from service.recognition.preprocess import normalize
-    from training.fold_models import export_fold_models
+    from training.recipe.fold_models import export_fold_models
 
     pairs = export_fold_models(run, data, tmp_path / "folds")
     out_of_fold = np.load(run / "out-of-fold.npz")

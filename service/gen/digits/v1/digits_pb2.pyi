@@ -158,3 +158,15 @@ class StreamResponse(_message.Message):
     error: StreamError
     model: ModelRef
     def __init__(self, id: _Optional[str] = ..., prediction: _Optional[_Union[Prediction, _Mapping]] = ..., error: _Optional[_Union[StreamError, _Mapping]] = ..., model: _Optional[_Union[ModelRef, _Mapping]] = ...) -> None: ...
+
+class ReadStreamResponse(_message.Message):
+    __slots__ = ("id", "reading", "error", "model")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    READING_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    reading: Reading
+    error: StreamError
+    model: ModelRef
+    def __init__(self, id: _Optional[str] = ..., reading: _Optional[_Union[Reading, _Mapping]] = ..., error: _Optional[_Union[StreamError, _Mapping]] = ..., model: _Optional[_Union[ModelRef, _Mapping]] = ...) -> None: ...

@@ -50,6 +50,11 @@ class DigitRecognizerStub:
                 request_serializer=digits_dot_v1_dot_digits__pb2.ReadRequest.SerializeToString,
                 response_deserializer=digits_dot_v1_dot_digits__pb2.ReadResponse.FromString,
                 _registered_method=True)
+        self.ReadStream = channel.stream_stream(
+                '/digits.v1.DigitRecognizer/ReadStream',
+                request_serializer=digits_dot_v1_dot_digits__pb2.StreamRequest.SerializeToString,
+                response_deserializer=digits_dot_v1_dot_digits__pb2.ReadStreamResponse.FromString,
+                _registered_method=True)
 
 
 class DigitRecognizerServicer:
@@ -79,6 +84,15 @@ class DigitRecognizerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReadStream(self, request_iterator, context):
+        """Read over one stream: each StreamRequest's image is one line of digits; every image gets exactly one
+        reading (or error), matched by its `id`, as soon as it is ready. A bad image gets `error` set and the
+        stream stays open for the next one.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DigitRecognizerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -96,6 +110,11 @@ def add_DigitRecognizerServicer_to_server(servicer, server):
                     servicer.Read,
                     request_deserializer=digits_dot_v1_dot_digits__pb2.ReadRequest.FromString,
                     response_serializer=digits_dot_v1_dot_digits__pb2.ReadResponse.SerializeToString,
+            ),
+            'ReadStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.ReadStream,
+                    request_deserializer=digits_dot_v1_dot_digits__pb2.StreamRequest.FromString,
+                    response_serializer=digits_dot_v1_dot_digits__pb2.ReadStreamResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -180,6 +199,33 @@ class DigitRecognizer:
             '/digits.v1.DigitRecognizer/Read',
             digits_dot_v1_dot_digits__pb2.ReadRequest.SerializeToString,
             digits_dot_v1_dot_digits__pb2.ReadResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReadStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/digits.v1.DigitRecognizer/ReadStream',
+            digits_dot_v1_dot_digits__pb2.StreamRequest.SerializeToString,
+            digits_dot_v1_dot_digits__pb2.ReadStreamResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -6,7 +6,7 @@ saw fold k's digits, so every choice made on (fold k's digits, fold k's model) p
 digits, as the test figures are, and none of the test digits is touched. The number reader's weights
 are tuned this way (docs/reading.md):
 
-    python -m training.fold_models runs/lenet5 --data-dir ../shared/data/mnist-sample --out-dir runs/folds
+    python -m training.recipe.fold_models runs/lenet5 --data-dir ../shared/data/mnist-sample --out-dir runs/folds
     python -m service.perf.numbers --tune --data-dir runs/folds/fold-1 --model runs/folds/fold-1.onnx ...
 
 Each fold model gets the run's temperature (fitted on all out-of-fold outputs), so its probabilities
@@ -66,8 +66,8 @@ def export_fold_models(run_dir: Path, data_dir: Path, out_dir: Path) -> list[tup
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m training.fold_models RUN_DIR --data-dir DIR --out-dir DIR``."""
-    parser = argparse.ArgumentParser(prog="python -m training.fold_models", description=__doc__.split("\n\n")[0])
+    """``python -m training.recipe.fold_models RUN_DIR --data-dir DIR --out-dir DIR``."""
+    parser = argparse.ArgumentParser(prog="python -m training.recipe.fold_models", description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dir", type=Path, help="a `digits train --cv` run directory (report.json, models/)")
     parser.add_argument("--data-dir", type=Path, required=True, help="the run's --data-dir")
     parser.add_argument("--out-dir", type=Path, required=True)
