@@ -9,6 +9,7 @@ import functools
 import logging
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -37,6 +38,7 @@ log = logging.getLogger(__name__)
 
 # Requests of at most this many images count their predictions one by one (cheaper than a bincount).
 COUNT_ONE_BY_ONE = 4
+READING_THREADS = 1
 
 
 class RecognizerSettings(Protocol):
@@ -135,6 +137,9 @@ class Recognizer:
         self._reload_lock = asyncio.Lock()
         self._draining = False
         self._decoder = DecodePool()
+        # One thread for every reading's decoding and segmentation: it is GIL-bound Python, so more threads
+        # only contend (paired at c16, 5-digit PNGs: 14.3 readings/s on one thread, 6.3 on asyncio's six).
+        self._reading = ThreadPoolExecutor(max_workers=READING_THREADS, thread_name_prefix="read")
         self._batcher = DynamicBatcher(lambda: self._model, config.max_batch_size, config.max_batch_delay_s,
                                        config.max_queue, metrics)
         self._overrides = RejectionOverrides(config.reject_not_a_digit_below, config.reject_uncertain_below)
@@ -167,6 +172,7 @@ class Recognizer:
         """Finish queued work and stop the batcher and the decode threads."""
         await self._batcher.close()
         self._decoder.close()
+        self._reading.shutdown(wait=False, cancel_futures=True)
 
     def drain(self) -> None:
         """Refuse new requests (UNAVAILABLE) from now on; those already admitted run to the end, and so
@@ -235,7 +241,7 @@ class Recognizer:
                 classified[0] += time.perf_counter() - started
             return result.logits, result.probabilities
 
-        reader = Reader(classify)
+        reader = Reader(classify, executor=self._reading)
 
         async def one(index: int, payload: Payload) -> Reading:
             try:

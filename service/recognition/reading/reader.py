@@ -20,7 +20,9 @@ from __future__ import annotations
 import asyncio
 import math
 from collections.abc import Awaitable, Callable
+from concurrent.futures import Executor
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -29,6 +31,8 @@ from service.recognition.decode import RawImage, decode, raw_pixels
 from service.recognition.model_metadata import Rejection
 from service.recognition.preprocess import mnist_recipe
 from service.recognition.reading.segment import Box, Candidate, Segmentation, segment
+
+T = TypeVar("T")
 
 # pixels [k, 28, 28] uint8, MNIST convention -> (logits [k, 10], probabilities [k, 10])
 Classify = Callable[[np.ndarray], Awaitable[tuple[np.ndarray, np.ndarray]]]
@@ -107,25 +111,32 @@ class Reader:
     """Reads lines of digits with `classify` (see `Classify`).
 
     The CPU work of a reading (decoding, segmenting, the recipe: tens of milliseconds for a long line)
-    runs on a worker thread, so that a server's event loop keeps serving meanwhile. All crops of one
+    runs on a worker thread, so that a server's event loop keeps serving meanwhile: on `executor` when
+    given (a server gives one thread for all its readings: that work is Python that holds the GIL, and
+    several threads doing it at once only fight over it), else on asyncio's default threads. All crops of one
     image go to `classify` in one call, or in calls of at most `max_per_call` crops made at once (a
     server whose per-request image limit is below segment.MAX_CANDIDATES), which batch together.
     """
 
-    def __init__(self, classify: Classify, scoring: Scoring | None = None, max_per_call: int | None = None) -> None:
+    def __init__(self, classify: Classify, scoring: Scoring | None = None, max_per_call: int | None = None,
+                 executor: Executor | None = None) -> None:
         self._classify = classify
         self._scoring = scoring or Scoring()
         self._max_per_call = max_per_call
+        self._executor = executor
+
+    async def _off_loop(self, work: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, work, *args)
 
     async def read_payload(self, payload: bytes | RawImage, max_pixels: int = 25_000_000,
                            rule: Rejection | None = None) -> Reading:
         """Read an encoded image file or raw pixels of any size and polarity, as Recognize takes one
         digit. Raises preprocess.ImageError / ImageTooLarge for undecodable or oversized input."""
-        return await self.read(await asyncio.to_thread(gray_of, payload, max_pixels), rule)
+        return await self.read(await self._off_loop(gray_of, payload, max_pixels), rule)
 
     async def read(self, gray: np.ndarray, rule: Rejection | None = None) -> Reading:
         """Read a [H, W] uint8 grayscale image; `rule` is the model's rejection rule (None: accept all)."""
-        found, pixels = await asyncio.to_thread(_prepare, gray)
+        found, pixels = await self._off_loop(_prepare, gray)
         if not found.candidates:
             return Reading("", 0.0, (), rejection.NO_INK, 0)
         logits, probabilities = await self._classify_all(pixels)
