@@ -113,8 +113,8 @@ class DigitRecognizerServicer(digits_pb2_grpc.DigitRecognizerServicer):
                               context: grpc.aio.ServicerContext) -> AsyncIterator[digits_pb2.StreamResponse]:
         """Every image is recognized concurrently (so a stream's images batch together); answers go
         out as they are ready, each carrying its request's id (`_serve_stream`)."""
-        # grpc.aio serves a stream from an async generator function; aclosing runs the inner one's
-        # cleanup when grpc closes this one (a cancelled call), not whenever it is garbage-collected.
+        # grpc.aio serves a stream from an async generator function. aclosing closes the inner one the
+        # moment grpc closes this one (a cancelled call), rather than leaving it to asyncio's finalizer hook.
         async with contextlib.aclosing(self._serve_stream(request_iterator, context, self._stream,
                                                           self._one)) as replies:
             async for reply in replies:

@@ -158,3 +158,27 @@ def test_a_stream_open_before_the_signal_is_served_to_its_end_and_a_new_one_is_r
     assert (during.id, during.prediction.digit) == ("during", LABELS[3]), during
     assert code == 0, stderr[-2000:]
     assert '"message": "stopped"' in stderr
+
+
+def test_a_stream_its_client_cancelled_does_not_hold_up_the_drain() -> None:
+    server = Serve("--grace-period-s", "60")
+    try:
+        messages: queue.Queue[digits_pb2.StreamRequest | None] = queue.Queue()
+        replies = server.stub.ReadStream(iter(messages.get, None), timeout=120)
+        messages.put(digits_pb2.StreamRequest(id="first", image=to_image(DIGITS[0])))
+        first = next(replies)
+        replies.cancel()  # the client goes away without ending its stream
+        with pytest.raises(grpc.RpcError) as cancelled:
+            next(replies)
+        server.proc.send_signal(signal.SIGTERM)
+        code, stderr = server.finish()
+    finally:
+        messages.put(None)
+        if server.proc.poll() is None:
+            server.proc.kill()
+    assert (first.id, first.WhichOneof("result"), first.reading.text) == ("first", "reading", str(LABELS[0]))
+    assert cancelled.value.code() == grpc.StatusCode.CANCELLED
+    assert code == 0, stderr[-2000:]
+    stopped = [json.loads(line) for line in stderr.splitlines() if '"message": "stopped"' in line]
+    # A stream left counted as open would keep the drain waiting for the whole 60 s grace period.
+    assert stopped and stopped[0]["drain_seconds"] < 30, stopped
