@@ -197,6 +197,17 @@ def load_split(data_dir: str | Path, split: str) -> Digits:
     )
 
 
+def load_source(data_dir: str | Path) -> tuple[Digits, Digits | None, np.ndarray, np.ndarray]:
+    """The train-* digits, the t10k-* digits when present, and both as the one sequence a cross-validated
+    run's indices point into (train-* first): (train, test, images, labels)."""
+    train = load_split(data_dir, "train")
+    if not has_split(data_dir, "test"):
+        return train, None, train.images, train.labels
+    test = load_split(data_dir, "test")
+    return (train, test, np.concatenate([train.images, test.images]),
+            np.concatenate([train.labels, test.labels]))
+
+
 def write_split(data_dir: str | Path, split: str, digits: Digits) -> tuple[Path, Path]:
     """Write `digits` as the gzip IDX pair of `split` in `data_dir` (e.g. a held-out set as t10k-*)."""
     images_stem, labels_stem = SPLIT_FILES[split]

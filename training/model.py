@@ -109,7 +109,8 @@ class LeNet5(nn.Module):
 
 
 def lenet5(deskew: bool = False, dropout: float = 0.0) -> LeNet5:
-    """A fresh LeNet-5 for the MNIST normalization, with the `Deskew` front when `deskew`."""
+    """A fresh LeNet-5 for the MNIST normalization, with the `Deskew` front when `deskew` and `dropout`
+    after its hidden dense layers."""
     return LeNet5(deskew_background=-NORMALIZATION.mean / NORMALIZATION.std if deskew else None, dropout=dropout)
 
 

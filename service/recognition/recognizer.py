@@ -138,7 +138,8 @@ class Recognizer:
         self._draining = False
         self._decoder = DecodePool()
         # One thread for every reading's decoding and segmentation: it is GIL-bound Python, so more threads
-        # only contend (paired at c16, 5-digit PNGs: 14.3 readings/s on one thread, 6.3 on asyncio's six).
+        # only contend (paired at c16, 5-digit PNGs: 14.7 readings/s on one thread, 6.6 on asyncio's six;
+        # docs/benchmarks.md).
         self._reading = ThreadPoolExecutor(max_workers=READING_THREADS, thread_name_prefix="read")
         self._batcher = DynamicBatcher(lambda: self._model, config.max_batch_size, config.max_batch_delay_s,
                                        config.max_queue, metrics)

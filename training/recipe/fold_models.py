@@ -25,18 +25,9 @@ import numpy as np
 import torch
 
 from service.recognition.model_metadata import Calibration, ModelMetadata
-from training.data import NORMALIZATION, Digits, has_split, load_split, write_split
+from training.data import NORMALIZATION, Digits, load_source, write_split
 from training.export import LABELS, MODEL_NAME, write_onnx
 from training.model import lenet5
-
-
-def _source(data_dir: Path) -> tuple[np.ndarray, np.ndarray]:
-    """The digits the run's indices point into: train-* followed by t10k-* when present."""
-    train = load_split(data_dir, "train")
-    if not has_split(data_dir, "test"):
-        return train.images, train.labels
-    test = load_split(data_dir, "test")
-    return np.concatenate([train.images, test.images]), np.concatenate([train.labels, test.labels])
 
 
 def export_fold_models(run_dir: Path, data_dir: Path, out_dir: Path) -> list[tuple[Path, Path]]:
@@ -44,7 +35,7 @@ def export_fold_models(run_dir: Path, data_dir: Path, out_dir: Path) -> list[tup
     `run_dir`; returns the (digits folder, model) pairs."""
     report = json.loads((run_dir / "report.json").read_text())
     indices = json.loads((run_dir / "heldout" / "indices.json").read_text())
-    images, labels = _source(data_dir)
+    _, _, images, labels = load_source(data_dir)
     temperature = float(report["calibration"]["temperature"])
     deskew = bool(report["recipe"].get("deskew", False))
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -157,6 +157,15 @@ def _flip_some(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor
     return torch.where(flips[1], images.flip(-2), images)
 
 
+def _some_shown_as(inputs: torch.Tensor, renders: torch.Tensor, share: float, batch: torch.Tensor,
+                   generator: torch.Generator) -> torch.Tensor:
+    """`inputs` (the digits `batch` [B]) with each digit replaced, with probability `share`, by one of its
+    renders [V, N, 1, 28, 28] drawn at random."""
+    shown = torch.rand((batch.shape[0], 1, 1, 1), generator=generator) < share
+    variant = torch.randint(0, renders.shape[0], (batch.shape[0],), generator=generator)
+    return torch.where(shown, renders[variant, batch], inputs)
+
+
 def train_epoch(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -182,13 +191,9 @@ def train_epoch(
         batch = order[step * config.batch_size:(step + 1) * config.batch_size]
         inputs, target = data.images[batch], data.labels[batch]
         if data.variants is not None:
-            shown = torch.rand((batch.shape[0], 1, 1, 1), generator=generator) < config.client_style
-            variant = torch.randint(0, data.variants.shape[0], (batch.shape[0],), generator=generator)
-            inputs = torch.where(shown, data.variants[variant, batch], inputs)
+            inputs = _some_shown_as(inputs, data.variants, config.client_style, batch, generator)
         if data.neighboured is not None:
-            near = torch.rand((batch.shape[0], 1, 1, 1), generator=generator) < config.neighbours
-            variant = torch.randint(0, data.neighboured.shape[0], (batch.shape[0],), generator=generator)
-            inputs = torch.where(near, data.neighboured[variant, batch], inputs)
+            inputs = _some_shown_as(inputs, data.neighboured, config.neighbours, batch, generator)
         digits = batch.shape[0]
         if data.negatives is not None:
             pick = torch.randint(0, data.negatives.shape[0], (config.oe_batch,), generator=generator)

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from service.recognition.model_metadata import Calibration, Rejection
-from training.data import cv_split, display_path, has_split, load_split
+from training.data import cv_split, display_path, load_source
 from training.plots import plot_run_curves
 from training.quality.calibration import ece, softmax
 from training.quality.fit import calibrate_and_choose
@@ -52,15 +52,12 @@ class PipelineResult:
 
 def _source(config: TrainConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
     """(images, labels, test indices, pool indices, data record) over train-* (+ t10k-* when present)."""
-    train = load_split(config.data_dir, "train")
-    if has_split(config.data_dir, "test"):
-        test = load_split(config.data_dir, "test")
-        images, labels = np.concatenate([train.images, test.images]), np.concatenate([train.labels, test.labels])
+    train, test, images, labels = load_source(config.data_dir)
+    if test is not None:
         test_idx, pool_idx = np.arange(len(train), len(images)), np.arange(len(train))
         test_rule = f"all {len(test)} digits of the t10k-* files"
         sha = {**train.sha256, **test.sha256}
     else:
-        images, labels = train.images, train.labels
         test_idx, pool_idx = cv_split(labels, config.test_size, config.split_seed)
         test_rule = (f"{len(test_idx)} digits held out of the train-* files: training.data.cv_split(labels, "
                      f"{config.test_size}, seed={config.split_seed}), the first shipped model's test digits")
