@@ -23,7 +23,9 @@ from PIL import Image, ImageDraw, ImageFont
 UPPER = "ACEFHKLMNPRUVWXY"
 LOWER = "acdefhkmnpruvwxy"
 GREEK = "ΓΔΛΞΠΣΨΩαγεηλμπψω"
-TRAIN_SYMBOLS = "#%@*+=~<>^×÷±≠≈∑∏∆←→↔★♥♣☺✓∀∈∪⌂"
+TRAIN_SYMBOLS = ("#%@*+=~<>^×÷±≠≈∑∏∆←→↔★♥♣☺✓∀∈∪⌂"
+                 # Added for model 2.1.0: arrows, set and logic signs, boxes, pictographs, Cyrillic capitals.
+                 "↖↗↘↙⇔∠⊂⊃⊆⊇∧∨∼⊢⊣⋈⊞⊟⊠△□■▲▼☐☑☒✈☂☎✉✂❄⌘⌥⚠‰«»‹›⁂※₩ЖШЩЮЯИЙЦЛ")
 EVAL_SYMBOLS = "¶©®™€£¥¤⇒⇐☆♦♠☼✗✚✱∇∩≡≤≥√∝№"
 LETTERS = UPPER + LOWER
 
