@@ -222,43 +222,6 @@ def textures(rng: np.random.Generator, _digits: np.ndarray | None) -> np.ndarray
     return (np.clip(values * rng.uniform(0.5, 1.0), 0, 1) * 255).astype(np.uint8)
 
 
-def objects(rng: np.random.Generator, _digits: np.ndarray | None) -> Page:
-    """A photographed object: one solid silhouette (a bag, a stone, a cup, a shoe), shaded and textured.
-
-    Digits are pen strokes; photos of things are filled regions whose grey varies across them, which
-    neither `shapes` (flat black) nor `textures` (a full frame) shows the model.
-    """
-    size = int(rng.integers(64, 257))
-    outline = Image.new("L", (size, size), 0)
-    draw = ImageDraw.Draw(outline)
-    centre = rng.uniform(0.4, 0.6, 2) * size
-    for _ in range(int(rng.integers(2, 6))):
-        at = centre + rng.uniform(-0.15, 0.15, 2) * size
-        if rng.random() < 0.5:
-            radii = rng.uniform(0.08, 0.36, 2) * size
-            draw.ellipse([float(v) for v in (*(at - radii), *(at + radii))], fill=255)
-        else:
-            draw.polygon(_polygon(rng, size, at, size * rng.uniform(0.15, 0.32)), fill=255)
-    # Blurred and cut again, the union's corners round off into the outline of one object.
-    inside = np.asarray(outline.filter(ImageFilter.GaussianBlur(size * 0.03)), np.float64) > 127
-    y, x = np.mgrid[0:size, 0:size] / size
-    angle = rng.uniform(0, 2 * math.pi)
-    grey = rng.uniform(0.0, 0.55) + rng.uniform(0.0, 0.35) * (x * math.cos(angle) + y * math.sin(angle))
-    side = int(rng.integers(4, 16))
-    grain = Image.fromarray((rng.random((side, side)) * 255).astype(np.uint8)).resize((size, size),
-                                                                                       Image.Resampling.BICUBIC)
-    grey = grey + rng.uniform(0.05, 0.25) * (np.asarray(grain, np.float64) / 255 - 0.5)
-    values = np.where(inside, np.clip(grey, 0, 0.85) * 255, 255).astype(np.uint8)
-    page = Image.fromarray(values)
-    seams = Image.new("L", (size, size), 0)
-    draw = ImageDraw.Draw(seams)
-    for _ in range(int(rng.integers(0, 4))):  # seams, folds, edges: lines of another grey across it
-        draw.line(_bezier(rng, size, 12), fill=255, width=max(1, int(size * rng.uniform(0.01, 0.04))))
-    tone = int(rng.integers(0, 256))
-    seam = (np.asarray(seams) > 0) & inside
-    return Image.fromarray(np.where(seam, tone, np.asarray(page)).astype(np.uint8))
-
-
 # --- measuring kinds: never trained on -------------------------------------------------------------
 
 
@@ -356,7 +319,6 @@ TRAIN_KINDS: dict[str, Maker] = {
     "symbols": symbols,
     "digit_groups": digit_groups,
     "textures": textures,
-    "objects": objects,
 }
 EVAL_KINDS: dict[str, Maker] = {
     "other_letters": other_letters,
@@ -367,13 +329,11 @@ EVAL_KINDS: dict[str, Maker] = {
     "digit_strings": digit_strings,
 }
 # Share of each training kind in a generated set (letters and symbols most: what clients will send).
-TRAIN_MIX = {"strokes": 0.12, "shapes": 0.12, "scribbles": 0.1, "blobs": 0.05, "letters": 0.24, "symbols": 0.14,
-             "digit_groups": 0.12, "textures": 0.05, "objects": 0.06}
+TRAIN_MIX = {"strokes": 0.12, "shapes": 0.12, "scribbles": 0.1, "blobs": 0.08, "letters": 0.24, "symbols": 0.14,
+             "digit_groups": 0.12, "textures": 0.08}
 MADE_OF_DIGITS = frozenset({"digit_groups", "digit_strings"})
 """Kinds made of real digits: always from the digits a model trains on (or is measured on), never others."""
-# Each kind's random stream: kinds added later go at the end, so that every other kind keeps its images.
-_KIND_IDS = {name: i for i, name in enumerate([*(k for k in TRAIN_KINDS if k != "objects"), *EVAL_KINDS,
-                                               "objects"])}
+_KIND_IDS = {name: i for i, name in enumerate([*TRAIN_KINDS, *EVAL_KINDS])}
 
 
 def stick_like(pixels: np.ndarray) -> bool:
