@@ -176,21 +176,14 @@ def _pick(rng: np.random.Generator, digits: np.ndarray | None) -> np.ndarray:
     return digits[int(rng.integers(0, len(digits)))]
 
 
-def _digit_row(rng: np.random.Generator, digits: np.ndarray | None, count: int, overlap: int = 0) -> Page:
-    """`count` real digits side by side, `-overlap` to 4 columns apart (a negative gap: their ink overlaps)."""
-    parts, gaps = [], []
+def _digit_row(rng: np.random.Generator, digits: np.ndarray | None, count: int) -> Page:
+    parts = []
     for _ in range(count):
         digit = _pick(rng, digits)
         cols = np.flatnonzero(digit.max(0) > 32)
         parts.append(digit[:, cols[0]:cols[-1] + 1] if len(cols) else digit)
-        gaps.append(int(rng.integers(-overlap, 5)))  # the last one unused: the draws stay those of before
-    row = parts[0]
-    for part, gap in zip(parts[1:], gaps, strict=False):
-        start = max(0, row.shape[1] + gap)
-        grown = np.zeros((28, max(row.shape[1], start + part.shape[1])), np.uint8)
-        grown[:, :row.shape[1]] = row
-        grown[:, start:start + part.shape[1]] = np.maximum(grown[:, start:start + part.shape[1]], part)
-        row = grown
+        parts.append(np.zeros((28, int(rng.integers(0, 5))), np.uint8))
+    row = np.concatenate(parts[:-1], axis=1)
     shift = int(rng.integers(-3, 4))
     row = np.roll(row, shift, axis=0)
     return digit_page(np.pad(row, ((0, 0), (2, 2))), rng) if row.shape[1] <= 28 else _wide_page(row, rng)
@@ -206,8 +199,8 @@ def _wide_page(row: np.ndarray, rng: np.random.Generator) -> Page:
 
 
 def digit_groups(rng: np.random.Generator, digits: np.ndarray | None) -> Page:
-    """Two or three real digits side by side, some touching or overlapping (a number, not a digit)."""
-    return _digit_row(rng, digits, int(rng.integers(2, 4)), overlap=GROUP_OVERLAP)
+    """Two or three real digits side by side (a number, not a digit)."""
+    return _digit_row(rng, digits, int(rng.integers(2, 4)))
 
 
 def textures(rng: np.random.Generator, _digits: np.ndarray | None) -> np.ndarray:
@@ -338,8 +331,6 @@ EVAL_KINDS: dict[str, Maker] = {
 # Share of each training kind in a generated set (letters and symbols most: what clients will send).
 TRAIN_MIX = {"strokes": 0.12, "shapes": 0.12, "scribbles": 0.1, "blobs": 0.08, "letters": 0.24, "symbols": 0.14,
              "digit_groups": 0.12, "textures": 0.08}
-GROUP_OVERLAP = 4
-"""How far (columns of 28x28 digits) training's digit groups may overlap: the merged pairs the reader must split."""
 MADE_OF_DIGITS = frozenset({"digit_groups", "digit_strings"})
 """Kinds made of real digits: always from the digits a model trains on (or is measured on), never others."""
 _KIND_IDS = {name: i for i, name in enumerate([*TRAIN_KINDS, *EVAL_KINDS])}
