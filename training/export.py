@@ -59,21 +59,30 @@ class ExportResult:
     parity_max_diff: float
 
 
-def git_commit() -> str:
-    """The commit of the checkout this code runs from, or "unknown" (no git, no commits, not a checkout)."""
+MODEL_CODE = ("training", "service")
+"""The folders whose code makes a model (recipe, generators, the server's recipe it trains through)."""
+
+
+def _git(where: Path, *args: str) -> subprocess.CompletedProcess[str] | None:
     try:
-        done = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            cwd=Path(__file__).resolve().parent,
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=False,
-        )
+        return subprocess.run(["git", *args], cwd=where, capture_output=True, text=True, timeout=10, check=False)
     except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def git_commit(where: Path | None = None) -> str:
+    """The commit of the checkout `where` (default: this code's) is in, or "unknown" (no git, no commits,
+    not a checkout). "-dirty" is appended when the model-making code (MODEL_CODE) has uncommitted
+    changes: then the commit alone does not say what trained the model."""
+    folder = where or Path(__file__).resolve().parent
+    done = _git(folder, "rev-parse", "HEAD")
+    commit = done.stdout.strip() if done is not None and done.returncode == 0 else ""
+    if not commit:
         return "unknown"
-    commit = done.stdout.strip()
-    return commit if done.returncode == 0 and commit else "unknown"
+    top = _git(folder, "rev-parse", "--show-toplevel")
+    root = top.stdout.strip() if top is not None and top.returncode == 0 else str(folder)
+    status = _git(Path(root), "status", "--porcelain", "--untracked-files=no", "--", *MODEL_CODE)
+    return f"{commit}-dirty" if status is None or status.stdout.strip() else commit
 
 
 def build_metadata(checkpoint: Mapping[str, Any], version: str, command: str, opset: int = OPSET) -> ModelMetadata:

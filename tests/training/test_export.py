@@ -132,3 +132,28 @@ def test_calibration_and_rule_are_fitted_on_the_fixture_and_baked_in(exported_mo
     expected = torch.softmax(torch.from_numpy(onnx_logits) / metadata.calibration.temperature, dim=1).numpy()
     np.testing.assert_allclose(probabilities, expected, atol=1e-6)
     assert metadata.rejection.extra["chosen_on"]["data"].startswith("the model's outputs on its 100 validation")
+
+
+def test_training_commit_says_when_the_model_making_code_was_uncommitted(tmp_path: Path) -> None:
+    """A model trained from a tree with uncommitted recipe changes must not claim a clean commit."""
+    import subprocess
+
+    from training.export import git_commit
+
+    assert git_commit(tmp_path) == "unknown"  # not a checkout
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path,
+                              check=True, capture_output=True, text=True).stdout.strip()
+    git("init", "-q")
+    (tmp_path / "training").mkdir()
+    (tmp_path / "training" / "recipe.py").write_text("EPOCHS = 80\n")
+    (tmp_path / "notes.md").write_text("notes\n")
+    git("add", "-A")
+    git("commit", "-qm", "one")
+    head = git("rev-parse", "HEAD")
+    assert git_commit(tmp_path / "training") == head
+    (tmp_path / "notes.md").write_text("other notes\n")  # not model-making code
+    (tmp_path / "training" / "scratch.py").write_text("x = 1\n")  # untracked: not what trained it
+    assert git_commit(tmp_path) == head
+    (tmp_path / "training" / "recipe.py").write_text("EPOCHS = 40\n")
+    assert git_commit(tmp_path / "training") == f"{head}-dirty"
