@@ -79,9 +79,8 @@ def git_commit(where: Path | None = None) -> str:
     commit = done.stdout.strip() if done is not None and done.returncode == 0 else ""
     if not commit:
         return "unknown"
-    top = _git(folder, "rev-parse", "--show-toplevel")
-    root = top.stdout.strip() if top is not None and top.returncode == 0 else str(folder)
-    status = _git(Path(root), "status", "--porcelain", "--untracked-files=no", "--", *MODEL_CODE)
+    # ":/" roots each pathspec at the top of the checkout, wherever `folder` is inside it.
+    status = _git(folder, "status", "--porcelain", "--untracked-files=no", "--", *(f":/{p}" for p in MODEL_CODE))
     return f"{commit}-dirty" if status is None or status.stdout.strip() else commit
 
 

@@ -141,6 +141,7 @@ def test_training_commit_says_when_the_model_making_code_was_uncommitted(tmp_pat
     from training.export import git_commit
 
     assert git_commit(tmp_path) == "unknown"  # not a checkout
+
     def git(*args: str) -> str:
         return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path,
                               check=True, capture_output=True, text=True).stdout.strip()
