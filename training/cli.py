@@ -98,8 +98,7 @@ RECIPE_FLAGS = {
     "dropout": "--dropout", "weight_decay": "--weight-decay",
     "label_smoothing": "--label-smoothing", "ema_decay": "--ema", "client_style": "--client-style",
     "client_variants": "--client-variants", "neighbours": "--neighbours",
-    "neighbour_variants": "--neighbour-variants", "reader_crops": "--reader-crops", "oe_weight": "--oe-weight",
-    "oe_per_digit": "--oe-per-digit",
+    "neighbour_variants": "--neighbour-variants", "oe_weight": "--oe-weight", "oe_per_digit": "--oe-per-digit",
     "oe_batch": "--oe-batch", "teachers": "--teachers", "distill_weight": "--distill-weight",
     "distill_temperature": "--distill-temperature", "teachers_from": "--teachers-from",
 }
@@ -293,9 +292,6 @@ def register(subparsers: Any) -> None:
                         "a touching neighbour's ink, as the number reader's crops show them (default 0: off)")
     recipe.add_argument("--neighbour-variants", type=_positive_int, default=2,
                         help="neighbour renders per digit (default 2)")
-    recipe.add_argument("--reader-crops", type=float, default=0.0, help="share of digits shown as the number "
-                        "reader cuts them out of touching numbers, its merged pieces joining the negatives "
-                        "(default 0: off)")
     recipe.add_argument("--oe-weight", type=float, default=0.5, help="outlier-exposure loss weight (0: off; 0.5)")
     recipe.add_argument("--oe-per-digit", type=float, default=3.0, help="generated negatives per digit (default 3)")
     recipe.add_argument("--oe-batch", type=_positive_int, default=64, help="negatives per batch (default 64)")

@@ -73,9 +73,6 @@ class TrainConfig:
     """Share of training digits shown with a sliver of a touching neighbour's ink (`training.synth.neighbours`)."""
     neighbour_variants: int = 2
     """Neighbour renders made per training digit."""
-    reader_crops: float = 0.0
-    """Share of training digits shown as the number reader cuts them out of touching numbers; with it, the
-    reader's merged pieces join the negatives (`training.synth.readercrops`)."""
     oe_weight: float = 0.0
     """Weight of the outlier-exposure loss (cross-entropy to the uniform distribution on negatives)."""
     oe_per_digit: float = 3.0

@@ -29,7 +29,6 @@ from training.recipe.config import TrainConfig, learning_rate
 from training.synth.clientstyle import TRAIN_RENDER_SEED, client_style
 from training.synth.negatives import NEGATIVES_TRAIN_SEED, generate, training_counts
 from training.synth.neighbours import neighbour_renders
-from training.synth.readercrops import reader_crops
 
 
 def configure_torch(seed: int, threads: int = 0) -> None:
@@ -54,8 +53,6 @@ class TrainingSet:
     """[V, N, 1, 28, 28]: client-style renders of the same digits."""
     neighboured: torch.Tensor | None = None
     """[V, N, 1, 28, 28]: the same digits with slivers of touching neighbours' ink."""
-    cut_out: torch.Tensor | None = None
-    """[1, N, 1, 28, 28]: the same digits as the number reader cuts them out of touching numbers."""
     negatives: torch.Tensor | None = None
     """[M, 1, 28, 28] generated non-digits."""
 
@@ -96,18 +93,11 @@ def build_training_set(config: TrainConfig, images: np.ndarray, labels: np.ndarr
     neighboured = None
     if config.neighbours > 0:
         neighboured = np.stack([neighbour_renders(images, v, indices) for v in range(config.neighbour_variants)])
-    cut_out = None
-    if config.reader_crops > 0:
-        crops, merged = reader_crops(images, labels, indices)
-        cut_out = crops[None]
-        if negatives is not None:
-            negatives = np.concatenate([negatives, merged])
     return TrainingSet(
         images=as_input(images),
         labels=torch.from_numpy(labels.astype(np.int64)),
         variants=as_input(renders) if config.client_style > 0 and renders is not None else None,
         neighboured=as_input(neighboured) if neighboured is not None else None,
-        cut_out=as_input(cut_out) if cut_out is not None else None,
         negatives=as_input(negatives) if config.oe_weight > 0 and negatives is not None else None,
     )
 
@@ -204,8 +194,6 @@ def train_epoch(
             inputs = _some_shown_as(inputs, data.variants, config.client_style, batch, generator)
         if data.neighboured is not None:
             inputs = _some_shown_as(inputs, data.neighboured, config.neighbours, batch, generator)
-        if data.cut_out is not None:
-            inputs = _some_shown_as(inputs, data.cut_out, config.reader_crops, batch, generator)
         digits = batch.shape[0]
         if data.negatives is not None:
             pick = torch.randint(0, data.negatives.shape[0], (config.oe_batch,), generator=generator)
