@@ -23,7 +23,7 @@ from service.recognition.decode import (
     load,
     open_payload,
 )
-from service.recognition.ink import inked
+from service.recognition.ink import has_ink, inked
 from service.recognition.model_metadata import Normalization
 
 __all__ = ["ImageError", "ImageTooLarge", "Payload", "RawImage", "mnist_recipe", "normalize", "open_batch",
@@ -178,14 +178,15 @@ def mnist_recipe(gray: np.ndarray, side: int = 28) -> np.ndarray:
     background = (int(low) + int(high)) // 2
     # Dark ink on a light page (paper, canvas) is inverted so ink is bright, as in MNIST.
     ink = background - gray.astype(np.int16) if background > 127 else gray.astype(np.int16) - background
+    np.maximum(ink, 0, out=ink)  # paper lighter than the border's median is paper too
     peak = int(ink.max())
     out = np.zeros((side, side), dtype=np.uint8)
-    if not inked(np.clip(ink, 0, None)[None])[0]:
+    if not has_ink(ink):
         return out  # no ink (blank or grey paper, noise, a speck): nothing to centre, and all zeros says so
     mask = ink > peak * INK_THRESHOLD
     rows = np.flatnonzero(mask.any(axis=1))
     cols = np.flatnonzero(mask.any(axis=0))
-    crop = np.clip(ink[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1], 0, None)
+    crop = ink[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
     crop = (crop * (255.0 / peak)).astype(np.uint8)
     height, width = crop.shape
     fit = min(FIT, side)

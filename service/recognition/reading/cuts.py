@@ -65,25 +65,23 @@ def _drop_falls(cost: np.ndarray, inked: np.ndarray, margin: int, line: float) -
     seeds = np.arange(margin, width - margin, step)
     if not seeds.size:
         return []
-    found: list[Cut] = []
-    rows = np.arange(height)
-    for flipped in (False, True):
-        ink = inked[::-1] if flipped else inked
-        free = np.pad(~ink, ((0, 0), (1, 1)), constant_values=False)  # outside the box is blocked
-        for first in (-1, 1):
-            x = seeds.copy()
-            path = np.empty((height, seeds.size), dtype=np.int64)
-            path[0] = x
-            for y in range(height - 1):
-                below = free[y + 1]
-                straight, near, far = below[x + 1], below[x + 1 + first], below[x + 1 - first]
-                x = np.where(straight, x, np.where(near, x + first, np.where(far, x - first, x)))
-                path[y + 1] = x
-            if flipped:
-                path = path[::-1]
-            for k in range(seeds.size):
-                found.append((float(cost[rows, path[:, k]].sum()), path[:, k].copy()))
-    return found
+    # The four falls (upright and turned over, each left first and right first) side by side, so that
+    # one pass over the rows moves every ball: [fall, seed].
+    free = np.pad(~np.stack((inked, inked[::-1])), ((0, 0), (0, 0), (1, 1)), constant_values=False)  # outside: blocked
+    turned = np.array([0, 0, 1, 1])[:, None]
+    first = np.array([-1, 1, -1, 1])[:, None]
+    x = np.broadcast_to(seeds, (4, seeds.size)).copy()
+    paths = np.empty((4, height, seeds.size), dtype=np.int64)
+    paths[:, 0] = x
+    for y in range(height - 1):
+        below = free[:, y + 1]
+        straight, near, far = below[turned, x + 1], below[turned, x + 1 + first], below[turned, x + 1 - first]
+        x = np.where(straight, x, np.where(near, x + first, np.where(far, x - first, x)))
+        paths[:, y + 1] = x
+    paths[2:] = paths[2:, ::-1].copy()
+    along = np.ascontiguousarray(paths.transpose(0, 2, 1))  # [fall, seed, row]
+    strokes = cost[np.arange(height), along].sum(axis=-1)
+    return [(float(strokes[f, k]), along[f, k]) for f in range(4) for k in range(seeds.size)]
 
 
 def cross(a: np.ndarray, b: np.ndarray) -> bool:

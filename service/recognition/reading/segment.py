@@ -21,7 +21,7 @@ cuts (the cheapest) and MAX_CANDIDATES candidate crops (past that, the costliest
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from PIL import Image
@@ -46,7 +46,6 @@ PAGE_SIDE = 64  # the paper's level is estimated on a copy about this many pixel
 PAD = 2  # background pixels around every crop, so that mnist_recipe sees its polarity on the border
 
 EIGHT = np.ones((3, 3), dtype=bool)
-FAR = 1 << 30  # a column beyond any image: the "cuts" at a component's two sides
 
 
 @dataclass(frozen=True)
@@ -173,13 +172,27 @@ class _Component:
     box: tuple[slice, slice]
     own: np.ndarray  # bool in `box`: its pixels, faint edges included
     inked: np.ndarray  # bool in `box`: its pixels above the ink threshold
-    cuts: list[Cut]  # ordered by their column in the middle row
+    cuts: list[Cut]  # ordered by their column in the middle row; change them with `keep`
+    # side(a, b) for the cuts as they are: the slices and the crops ask for the same ones many times.
+    _sides: dict[tuple[int, int], np.ndarray] = field(default_factory=dict)
+
+    def keep(self, cuts: list[Cut]) -> None:
+        """Give up every cut but `cuts` (positions renumber, so the sides are found again)."""
+        self.cuts = cuts
+        self._sides.clear()
 
     def side(self, a: int, b: int) -> np.ndarray:
         """Its pixels between position a and position b (0: its left side, 1..k: cuts, k+1: its right side)."""
-        columns = np.arange(self.own.shape[1])[None, :]
-        paths = [np.full(self.own.shape[0], -FAR), *(path for _, path in self.cuts), np.full(self.own.shape[0], FAR)]
-        return self.own & (columns >= paths[a][:, None]) & (columns < paths[b][:, None])
+        found = self._sides.get((a, b))
+        if found is None:
+            columns = np.arange(self.own.shape[1])[None, :]
+            found = self.own
+            if a > 0:
+                found = found & (columns >= self.cuts[a - 1][1][:, None])
+            if b <= len(self.cuts):
+                found = found & (columns < self.cuts[b - 1][1][:, None])
+            self._sides[a, b] = found
+        return found
 
 
 Span = tuple[int, int, int, int]  # top, bottom, left, right (exclusive) in working pixels
@@ -218,7 +231,7 @@ def _segment_working(work: np.ndarray, line: float, origin: tuple[int, int], sca
     ranked = sorted((cut[0], n, k) for n, c in enumerate(components) for k, cut in enumerate(c.cuts))
     kept = {(n, k) for _, n, k in ranked[:MAX_CUTS]}  # the cheapest MAX_CUTS of the image
     for n, c in enumerate(components):
-        c.cuts = [cut for k, cut in enumerate(c.cuts) if (n, k) in kept]
+        c.keep([cut for k, cut in enumerate(c.cuts) if (n, k) in kept])
     while True:
         slices = [_slices(c, line_w) for c in components]
         found = _enumerate(components, slices, line_w)
@@ -228,7 +241,7 @@ def _segment_working(work: np.ndarray, line: float, origin: tuple[int, int], sca
         # Too many: give up the costliest quarter of the cuts and count again.
         limit = costs[max(0, len(costs) // 4 - 1)] if len(costs) >= 4 else costs[0]
         for c in components:
-            c.cuts = [cut for cut in c.cuts if cut[0] < limit]
+            c.keep([cut for cut in c.cuts if cut[0] < limit])
     found = found[:MAX_CANDIDATES]  # with no cut left, only too many components can get here
     return _graph(work, components, found, line_w, line, origin, scale, shape)
 
@@ -319,20 +332,24 @@ def _graph(work: np.ndarray, components: list[_Component], found: list[tuple[int
             strokes[starts[number] + k] = cost
             widths[starts[number] + k] = float(component.inked.any(axis=0).sum()) / line_w
     candidates = []
+    pixels: dict[Part, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}  # parts recur in many candidates
     for start, end, parts, span in found:
-        top, bottom = max(0, span[0] - FAINT_REACH), span[1] + FAINT_REACH
-        left, right = max(0, span[2] - FAINT_REACH), span[3] + FAINT_REACH
-        crop = np.zeros((min(bottom, work.shape[0]) - top, min(right, work.shape[1]) - left), dtype=np.uint8)
-        for c, a, b in parts:
-            box = components[c].box
-            side = components[c].side(a, b)
-            ys, xs = np.nonzero(side)
-            values = work[box][side].astype(np.uint8)
-            ys, xs = ys + box[0].start - top, xs + box[1].start - left
+        top, bottom = max(0, span[0] - FAINT_REACH), min(work.shape[0], span[1] + FAINT_REACH)
+        left, right = max(0, span[2] - FAINT_REACH), min(work.shape[1], span[3] + FAINT_REACH)
+        height, width = bottom - top, right - left
+        crop = np.zeros((height + 2 * PAD, width + 2 * PAD), dtype=np.uint8)  # PAD around, as padding would
+        for part in parts:
+            if part not in pixels:
+                box = components[part[0]].box
+                side = components[part[0]].side(part[1], part[2])
+                ys, xs = np.nonzero(side)
+                pixels[part] = ys + box[0].start, xs + box[1].start, work[box][side].astype(np.uint8)
+            ys, xs, values = pixels[part]
+            ys, xs = ys - top, xs - left
             # Faint ink of this part beyond its inked span, next to a neighbour's ink, stays out.
-            inside = (ys >= 0) & (ys < crop.shape[0]) & (xs >= 0) & (xs < crop.shape[1])
-            crop[ys[inside], xs[inside]] = values[inside]
-        candidates.append(Candidate(start, end, np.pad(crop, PAD), _box(span, origin, scale, shape),
+            inside = (ys >= 0) & (ys < height) & (xs >= 0) & (xs < width)
+            crop[ys[inside] + PAD, xs[inside] + PAD] = values[inside]
+        candidates.append(Candidate(start, end, crop, _box(span, origin, scale, shape),
                                     (span[3] - span[2]) / line_w, (span[1] - span[0]) / line_w))
     drops = tuple((starts[n], starts[n + 1], float(c.inked.any(axis=1).sum()) / line_w)
                   for n, c in enumerate(components))
