@@ -337,7 +337,7 @@ def _graph(work: np.ndarray, components: list[_Component], found: list[tuple[int
         top, bottom = max(0, span[0] - FAINT_REACH), min(work.shape[0], span[1] + FAINT_REACH)
         left, right = max(0, span[2] - FAINT_REACH), min(work.shape[1], span[3] + FAINT_REACH)
         height, width = bottom - top, right - left
-        crop = np.zeros((height + 2 * PAD, width + 2 * PAD), dtype=np.uint8)  # PAD around, as padding would
+        crop = np.zeros((height + 2 * PAD, width + 2 * PAD), dtype=np.uint8)  # PAD background pixels around
         for part in parts:
             if part not in pixels:
                 box = components[part[0]].box
