@@ -86,11 +86,22 @@ class PortProcess:
         stop_process(self.process, 10)
 
 
+# Ports free_port has handed out in this process. Once its probe socket is closed, the kernel may give
+# the same port to the very next probe, so a server's gRPC, HTTP and metrics ports, asked for one
+# after the other, could all be one port (seen in CI: "address already in use" on the second bind).
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago (for servers that cannot bind port 0)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A TCP port on 127.0.0.1 that was free a moment ago (for servers that cannot bind port 0), and
+    never one this process was given before."""
+    while True:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = int(sock.getsockname()[1])
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 class ServerProcess:
