@@ -40,11 +40,12 @@ ALLOWED: dict[str, set[str]] = {
     "service.gen": set(),
     # Training shares with serving only the contract (model_metadata), the MNIST recipe (preprocess:
     # what it trains on is exactly what the server feeds the model), the loader (a quantized model is
-    # refused unless it loads as `digits serve` loads it) and the IDX reader.
+    # refused unless it loads as `digits serve` loads it), the IDX reader, and the rejection rule with its
+    # strokes test (thresholds are chosen and measured with the server's own decide).
     "training": {"service.idx", "service.recognition"},
 }
 TRAINING_MAY_IMPORT = {"service.idx", "service.recognition.model_metadata", "service.recognition.preprocess",
-                       "service.recognition.rejection",
+                       "service.recognition.rejection", "service.recognition.strokes",
                        "service.recognition.model"}
 # The benchmark's in-process ceiling loads the model with the server's loader and recipe; the number
 # reader's measurement (service.perf.numbers) runs the protocol-free Reader in-process the same way.

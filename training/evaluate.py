@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from service.recognition import strokes
 from service.recognition.model_metadata import LOGITS_OUTPUT, PROBABILITIES_OUTPUT, ModelMetadata
 from service.recognition.preprocess import normalize
 from training.data import load_split
@@ -199,11 +200,11 @@ def evaluate(
     labels = digits.labels.astype(np.int64)
     matrix = confusion_matrix(labels, probabilities.argmax(axis=1), len(metadata.labels))
     rule = metadata.rejection
-    outputs = {"digits": Outputs(logits, probabilities, labels)}
+    outputs = {"digits": Outputs(logits, probabilities, labels, shapes=strokes.features(images))}
     negatives: dict[str, dict[str, Any]] = {}
     for name, (pixels, kinds) in _negative_sets(digits.images, synthetic_negatives, fashion_mnist).items():
         neg_logits, neg_probabilities = run_model(session, metadata, pixels, batch_size)
-        outputs[name] = Outputs(neg_logits, neg_probabilities, kinds=kinds)
+        outputs[name] = Outputs(neg_logits, neg_probabilities, kinds=kinds, shapes=strokes.features(pixels))
         negatives[name] = measure_negatives(rule, outputs[name], outputs["digits"])
     return EvaluationReport(
         model_name=metadata.name,
@@ -287,7 +288,6 @@ def coverage_curves(report: EvaluationReport, metadata: ModelMetadata) -> dict[s
     """Coverage-vs-accuracy curves for `plots.plot_coverage`: the real digits alone, ordered by the top
     probability, then the digits mixed with each non-digit set, ordered by the rule's not_a_digit score;
     each with the operating point of the model's rule (None without a rule)."""
-    from service.recognition.rejection import decide
     from training.quality.metrics import coverage_curve
 
     rule = metadata.rejection
@@ -298,7 +298,7 @@ def coverage_curves(report: EvaluationReport, metadata: ModelMetadata) -> dict[s
     def point(outputs: Outputs, right: np.ndarray) -> tuple[float, float] | None:
         if rule is None:
             return None
-        accepted = decide(rule, outputs.logits, outputs.probabilities) == ""
+        accepted = outputs.decide(rule) == ""
         return float(accepted.mean()), float(right[accepted].mean()) if accepted.any() else 0.0
 
     curves = {f"{report.count} real digits": (*coverage_curve(digits.score("max_probability"), correct),
@@ -307,8 +307,10 @@ def coverage_curves(report: EvaluationReport, metadata: ModelMetadata) -> dict[s
     for name, negatives in report.outputs.items():
         if name == "digits":
             continue
+        assert digits.shapes is not None and negatives.shapes is not None
         mixed = Outputs(np.concatenate([digits.logits, negatives.logits]),
-                        np.concatenate([digits.probabilities, negatives.probabilities]))
+                        np.concatenate([digits.probabilities, negatives.probabilities]),
+                        shapes=np.concatenate([digits.shapes, negatives.shapes]))
         right = np.concatenate([correct, np.zeros(len(negatives.logits), bool)])
         curves[f"digits + {len(negatives.logits)} {name} (by {score})"] = (*coverage_curve(mixed.score(score), right),
                                                                            point(mixed, right))

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from service.recognition import strokes
 from service.recognition.model_metadata import Calibration, Rejection
 from training.data import NORMALIZATION, Digits, Splits, prepare_splits, write_split
 from training.plots import plot_training_curves
@@ -257,6 +258,8 @@ def calibrate_on_validation(model: torch.nn.Module, val: Digits) -> tuple[Calibr
         "logits": logits_of(model, as_input(val.images)), "client_logits": logits_of(model, as_input(renders)),
         "val_negatives": logits_of(model, as_input(negatives.images)), "val_kinds": negatives.kinds,
         "eval_negatives": np.zeros((0, 10), np.float32), "eval_kinds": np.zeros(0, object),
+        "digits_shapes": strokes.features(val.images), "client_shapes": strokes.features(renders),
+        "val_shapes": strokes.features(negatives.images), "eval_shapes": np.zeros((0, len(strokes.KEYS))),
     }
     calibration, rule, _ = calibrate_and_choose(outputs, f"the model's outputs on its {len(val)} validation digits")
     return calibration, rule

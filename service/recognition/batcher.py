@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from service.recognition import strokes
 from service.recognition.model import LoadedModel
 from service.recognition.preprocess import normalize
 from service.telemetry.metrics import Metrics
@@ -75,6 +76,11 @@ class BatchResult:
     probabilities: np.ndarray
     model: LoadedModel
     finite: bool = True  # every value of the whole batch's outputs is finite (checked on the inference thread)
+    shapes: np.ndarray | None = None  # strokes.features of its rows, when the model's rule has the strokes test
+
+
+# A batch's logits, probabilities, strokes features (or None), inference seconds, and all-finite flag.
+_Outputs = tuple[np.ndarray, np.ndarray, "np.ndarray | None", float, bool]
 
 
 @dataclass(eq=False)
@@ -236,7 +242,7 @@ class DynamicBatcher:
                 return
 
     def _finish(self, model: LoadedModel, batch: list[_Pending], total: int,
-                outcome: tuple[np.ndarray, np.ndarray, float, bool] | Exception) -> None:
+                outcome: _Outputs | Exception) -> None:
         """On the loop: the next batch goes to the thread first, then this one's callers get their rows."""
         self._running = False
         self._schedule()
@@ -246,7 +252,7 @@ class DynamicBatcher:
                 if not item.future.done():
                     item.future.set_exception(outcome)
         else:
-            logits, probabilities, seconds, finite = outcome
+            logits, probabilities, shapes, seconds, finite = outcome
             self._metrics.inference_seconds.observe(seconds)
             self._metrics.batch_size.observe(total)
             self._metrics.last_inference.set(time.time())
@@ -255,7 +261,8 @@ class DynamicBatcher:
                 rows = slice(offset, offset + item.size)
                 offset += item.size
                 if not item.future.done():
-                    item.future.set_result(BatchResult(logits[rows], probabilities[rows], model, finite))
+                    item.future.set_result(BatchResult(logits[rows], probabilities[rows], model, finite,
+                                                       None if shapes is None else shapes[rows]))
         self._check_drained()
 
     def _check_drained(self) -> None:
@@ -289,7 +296,7 @@ class DynamicBatcher:
         return batch
 
     def _outcome(self, model: LoadedModel, batch: list[_Pending],
-                 total: int) -> tuple[np.ndarray, np.ndarray, float, bool] | Exception:
+                 total: int) -> _Outputs | Exception:
         """`_infer`, or the exception it raised: a failing session.run must fail the batch's callers,
         not the loop or the inference thread."""
         try:
@@ -298,7 +305,7 @@ class DynamicBatcher:
             return exc
 
     def _infer(self, model: LoadedModel, batch: list[_Pending],
-               total: int) -> tuple[np.ndarray, np.ndarray, float, bool]:
+               total: int) -> _Outputs:
         """On the inference thread, or on the loop for a small batch: fill the input array, run the session."""
         started = time.perf_counter()
         shape = (total, *model.metadata.input_shape)
@@ -316,4 +323,10 @@ class DynamicBatcher:
                 normalize(item.pixels, model.metadata.normalization, out=rows)
         logits, probabilities = model.run(inputs)
         finite = bool(np.isfinite(logits).all() and np.isfinite(probabilities).all())
-        return logits, probabilities, time.perf_counter() - started, finite
+        shapes = None
+        rule = model.metadata.rejection
+        if rule is not None and rule.strokes:
+            # Once per batch, on the model's input: blank paper is at (0 - mean) / std there.
+            norm = model.metadata.normalization
+            shapes = strokes.features(inputs[:, 0], paper=-norm.mean / norm.std)
+        return logits, probabilities, shapes, time.perf_counter() - started, finite

@@ -96,12 +96,15 @@ class Rejection:
     Checked in order: `not_a_digit` (ink unlike any digit), then `uncertain` (a digit, but not
     clearly which). Blank images never reach the model: the no-ink test on the pixels (see
     `service.recognition.ink`) rejects them first, with `no_ink` settings when given here.
+    `strokes` holds the thresholds of the strokes test on the pixels (`service.recognition.strokes`:
+    filled shapes and grey pictures are ``not_a_digit`` too); empty for models older than 2.2.0.
     `extra` carries how the thresholds were chosen and what they measured (free-form).
     """
 
     not_a_digit: Threshold
     uncertain: Threshold
     no_ink: Mapping[str, float] = field(default_factory=dict)
+    strokes: Mapping[str, float] = field(default_factory=dict)
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> str:
@@ -109,6 +112,8 @@ class Rejection:
         body.update({"not_a_digit": self.not_a_digit.to_dict(), "uncertain": self.uncertain.to_dict()})
         if self.no_ink:
             body["no_ink"] = dict(self.no_ink)
+        if self.strokes:
+            body["strokes"] = dict(self.strokes)
         return json.dumps(body, sort_keys=True)
 
     @classmethod
@@ -119,12 +124,16 @@ class Rejection:
                 raise TypeError("not a JSON object")
             rules = {name: _threshold(raw[name], name) for name in ("not_a_digit", "uncertain")}
             no_ink = {str(k): float(v) for k, v in dict(raw.get("no_ink", {})).items()}
+            strokes = {str(k): float(v) for k, v in dict(raw.get("strokes", {})).items()}
+            if any(v != v for v in strokes.values()):
+                raise ValueError("strokes: threshold is NaN")
         except (ValueError, TypeError, KeyError) as exc:
             raise MetadataError(
                 f"metadata {REJECTION_KEY!r} must be JSON with not_a_digit and uncertain, each "
                 f"{{\"score\": one of {list(REJECTION_SCORES)}, \"below\": number}}: {exc}") from exc
-        extra = {k: v for k, v in raw.items() if k not in ("not_a_digit", "uncertain", "no_ink")}
-        return cls(not_a_digit=rules["not_a_digit"], uncertain=rules["uncertain"], no_ink=no_ink, extra=extra)
+        extra = {k: v for k, v in raw.items() if k not in ("not_a_digit", "uncertain", "no_ink", "strokes")}
+        return cls(not_a_digit=rules["not_a_digit"], uncertain=rules["uncertain"], no_ink=no_ink, strokes=strokes,
+                   extra=extra)
 
 
 def _threshold(raw: Any, name: str) -> Threshold:

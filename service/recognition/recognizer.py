@@ -67,6 +67,10 @@ class RecognizerSettings(Protocol):
     @property
     def reject_uncertain_below(self) -> float | None: ...
     @property
+    def reject_filled_above(self) -> float | None: ...
+    @property
+    def reject_grey_inside_above(self) -> float | None: ...
+    @property
     def model_name(self) -> str | None: ...
 
 
@@ -143,7 +147,8 @@ class Recognizer:
         self._reading = ThreadPoolExecutor(max_workers=READING_THREADS, thread_name_prefix="read")
         self._batcher = DynamicBatcher(lambda: self._model, config.max_batch_size, config.max_batch_delay_s,
                                        config.max_queue, metrics)
-        self._overrides = RejectionOverrides(config.reject_not_a_digit_below, config.reject_uncertain_below)
+        self._overrides = RejectionOverrides(config.reject_not_a_digit_below, config.reject_uncertain_below,
+                                             config.reject_filled_above, config.reject_grey_inside_above)
         self._predicted = tuple(metrics.predictions.labels(digit=digit) for digit in DIGITS)  # bound once
         self._rule = (model, self._overrides.apply(model.metadata.rejection))
         metrics.set_model(model.name, model.version, model.sha256, model.provider, model.load_seconds)
@@ -284,16 +289,20 @@ class Recognizer:
         result = await self._run(pixels[has_ink] if blank else pixels, normalized, deadline) \
             if has_ink.any() else None
         model = result.model if result is not None else self._model
+        shapes = result.shapes if result is not None else None
         if blank:
             classes = len(model.metadata.labels)
             logits = np.zeros((len(pixels), classes), dtype=np.float32)
             probabilities = np.full((len(pixels), classes), 1.0 / classes, dtype=np.float32)
             if result is not None:
                 logits[has_ink], probabilities[has_ink] = result.logits, result.probabilities
+            if shapes is not None:
+                inked_shapes, shapes = shapes, np.zeros((len(pixels), shapes.shape[1]))
+                shapes[has_ink] = inked_shapes
         else:
             assert result is not None
             logits, probabilities = result.logits, result.probabilities
-        reasons = rejection.decide(self.rule(model), logits, probabilities, has_ink)
+        reasons = rejection.decide(self.rule(model), logits, probabilities, has_ink, shapes)
         recognition = Recognition(logits, probabilities, model, reasons)
         self._count_predictions(recognition)
         return recognition

@@ -4,7 +4,8 @@ Three reasons, in the order they are checked:
 - ``no_ink``: the image holds no ink (blank, grey or black paper, faint noise, a speck). Decided on the
   pixels before the model runs (`service.recognition.ink`); such an image is never run as a digit.
 - ``not_a_digit``: ink unlike any digit (letters, symbols, drawings, photos): the rule's `not_a_digit`
-  score is below its threshold.
+  score is below its threshold, or the pixels are a filled shape or a grey picture rather than strokes
+  (`service.recognition.strokes`, for models whose rule carries its thresholds).
 - ``uncertain``: a digit, but not clearly which one: the `uncertain` score is below its threshold.
 
 The thresholds come from the model's metadata (chosen by training on its own validation digits) and
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from service.recognition import strokes
 from service.recognition.model_metadata import Rejection, Threshold
 
 ACCEPTED = ""
@@ -34,6 +36,8 @@ class RejectionOverrides:
 
     not_a_digit_below: float | None = None
     uncertain_below: float | None = None
+    filled_above: float | None = None  # the strokes test's thresholds, for a model whose rule has them
+    grey_inside_above: float | None = None
 
     def apply(self, rule: Rejection | None) -> Rejection | None:
         """The rule with these thresholds in place of the model's. For a model that carries no rule,
@@ -50,6 +54,11 @@ class RejectionOverrides:
         if self.uncertain_below is not None:
             rule = dataclasses.replace(
                 rule, uncertain=dataclasses.replace(rule.uncertain, below=self.uncertain_below))
+        changed = {key: value for key, value in ((strokes.FILLED, self.filled_above),
+                                                 (strokes.GREY_INSIDE, self.grey_inside_above))
+                   if value is not None and rule.strokes}
+        if changed:
+            rule = dataclasses.replace(rule, strokes={**rule.strokes, **changed})
         return rule
 
 
@@ -66,11 +75,12 @@ def scores(name: str, logits: np.ndarray, probabilities: np.ndarray) -> np.ndarr
 
 
 def decide(rule: Rejection | None, logits: np.ndarray, probabilities: np.ndarray,
-           inked: np.ndarray | None = None) -> np.ndarray:
+           inked: np.ndarray | None = None, shapes: np.ndarray | None = None) -> np.ndarray:
     """The rejection reason of every row ("" when accepted), as a numpy array of strings.
 
     `inked` (bool per row) marks the rows whose pixels hold ink; the others are ``no_ink`` whatever
-    the model said (their logits are not looked at).
+    the model said (their logits are not looked at). `shapes` is `strokes.features` of the rows'
+    pixels, for the rule's strokes test (None: not tested).
     """
     reasons = np.full(len(logits), ACCEPTED, dtype=object)
     if rule is not None and len(logits):
@@ -78,6 +88,8 @@ def decide(rule: Rejection | None, logits: np.ndarray, probabilities: np.ndarray
         reasons[uncertain] = UNCERTAIN
         foreign = scores(rule.not_a_digit.score, logits, probabilities) < rule.not_a_digit.below
         reasons[foreign] = NOT_A_DIGIT
+        if rule.strokes and shapes is not None:
+            reasons[strokes.unlike_strokes(shapes, rule.strokes)] = NOT_A_DIGIT
     if inked is not None:
         reasons[~inked] = NO_INK
     return reasons

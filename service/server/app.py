@@ -279,5 +279,6 @@ def _describe_rule(rule: Rejection | None) -> str:
     """The rejection thresholds in force, for the start-up line."""
     if rule is None:
         return "none (every image with ink is accepted)"
-    return (f"not_a_digit if {rule.not_a_digit.score} < {rule.not_a_digit.below:g}, "
+    shapes = "".join(f" or {key.removesuffix('_above')} > {value:g}" for key, value in sorted(rule.strokes.items()))
+    return (f"not_a_digit if {rule.not_a_digit.score} < {rule.not_a_digit.below:g}{shapes}, "
             f"uncertain if {rule.uncertain.score} < {rule.uncertain.below:g}")

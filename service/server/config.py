@@ -71,6 +71,14 @@ class ServerConfig:
         None, "override the model's uncertain threshold: predictions whose uncertain score (named in the "
               "model's metadata, usually the calibrated confidence) is below it are rejected as uncertain; "
               "unset keeps the model's")
+    reject_filled_above: float | None = _setting(
+        None, "override the strokes test's filled-shape threshold (a share of the ink lying 3 pixels or more "
+              "inside it): images above it are rejected as not_a_digit; only for a model whose rule has the "
+              "test (2.2.0 on); 1 turns this half of the test off; unset keeps the model's")
+    reject_grey_inside_above: float | None = _setting(
+        None, "override the strokes test's grey-picture threshold (a share of the ink inside a shape that is "
+              "fainter than half the strongest): images above it are rejected as not_a_digit; only for a "
+              "model whose rule has the test; 1 turns this half off; unset keeps the model's")
     workers: int = _setting(1, "server processes sharing the port (SO_REUSEPORT); worker i serves /metrics on "
                                   "metrics-port + i")
     watch: bool = _setting(False, "reload the model when its file changes (SIGHUP always reloads)")

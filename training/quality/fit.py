@@ -24,8 +24,10 @@ def calibrate_and_choose(oof: dict[str, np.ndarray], source: str) -> tuple[Calib
         figures[view] = {"ece_before": ece(softmax(logits), labels),
                          "ece_after": ece(softmax(logits, temperature), labels),
                          "nll_before": nll(logits, labels), "nll_after": nll(logits, labels, temperature)}
-    digits = [Outputs.of(oof["logits"], temperature, labels), Outputs.of(oof["client_logits"], temperature, labels)]
-    val_negatives = Outputs.of(oof["val_negatives"], temperature, kinds=oof["val_kinds"])
+    shapes = {key: oof.get(f"{key}_shapes") for key in ("digits", "client", "val", "eval")}
+    digits = [Outputs.of(oof["logits"], temperature, labels, shapes=shapes["digits"]),
+              Outputs.of(oof["client_logits"], temperature, labels, shapes=shapes["client"])]
+    val_negatives = Outputs.of(oof["val_negatives"], temperature, kinds=oof["val_kinds"], shapes=shapes["val"])
     source = (f"{source}: {len(labels)} real digits, as MNIST arrays and as clients send them, and "
               f"{len(val_negatives.logits)} generated negatives of the training kinds (other images than those "
               f"trained on)")
@@ -38,7 +40,8 @@ def calibrate_and_choose(oof: dict[str, np.ndarray], source: str) -> tuple[Calib
     figures["val_negatives"] = measure_negatives(rule, val_negatives, digits[0])
     if len(oof["eval_negatives"]):
         figures["eval_negatives"] = measure_negatives(rule, Outputs.of(oof["eval_negatives"], temperature,
-                                                                      kinds=oof["eval_kinds"]), digits[0])
+                                                                      kinds=oof["eval_kinds"], shapes=shapes["eval"]),
+                                                      digits[0])
     rule = replace(rule, extra={**rule.extra, "negatives": _negatives_made(), "validation_rates": {
         "digits_rejected": {view: round(figures[f"rejection_{view}"]["rejected"]["value"], 6)
                             for view in ("mnist", "client_style")},

@@ -5,7 +5,9 @@ The rule has two thresholds (`service.recognition.model_metadata.Rejection`), ch
   (highest AUROC of the three REJECTION_SCORES), cut where it rejects `not_a_digit_budget` of the real
   validation digits;
 - `uncertain`: the calibrated top probability, cut so that both reasons together reject at most
-  `total_budget` of the real validation digits.
+  `total_budget` of the real validation digits;
+- the strokes test's thresholds (`service.recognition.strokes`), on the real digits' pixels alone,
+  cut where it rejects STROKES_BUDGET of them (when the outputs carry their `shapes`).
 With several groups of real digits (the originals, and the same digits as clients send them), every
 budget holds in every group.
 """
@@ -18,14 +20,18 @@ from typing import Any
 
 import numpy as np
 
+from service.recognition import strokes
 from service.recognition.model_metadata import REJECTION_SCORES, Rejection, Threshold
 from service.recognition.rejection import NOT_A_DIGIT, UNCERTAIN, decide, scores
 from training.quality.calibration import softmax
 from training.quality.metrics import auroc, proportion
 
 TOTAL_BUDGET = 0.007
-"""Real validation digits the rule may reject, both reasons together: 0.7 %, leaving headroom under
-the 1 % goal for client images that differ from the validation renders."""
+"""Real validation digits the rule's scores may reject, both reasons together: 0.7 %, leaving headroom
+under the 1 % goal for the strokes test and for client images that differ from the validation renders."""
+STROKES_BUDGET = 0.002
+"""Real validation digits the strokes test (`service.recognition.strokes`) may reject on top: 0.2 %,
+so that the whole rule stays at 0.9 % of them at most."""
 NOT_A_DIGIT_BUDGET = 0.004
 UNCERTAIN_SCORE = "max_probability"
 
@@ -40,12 +46,19 @@ class Outputs:
     """Digit labels (None for non-digits)."""
     kinds: np.ndarray | None = None
     """Per row, the kind of non-digit (for per-kind figures)."""
+    shapes: np.ndarray | None = None
+    """`service.recognition.strokes.features` of the rows' pixels, for the rule's strokes test."""
 
     @classmethod
     def of(cls, logits: np.ndarray, temperature: float, labels: np.ndarray | None = None,
-           kinds: np.ndarray | None = None) -> Outputs:
+           kinds: np.ndarray | None = None, shapes: np.ndarray | None = None) -> Outputs:
         """Outputs as the exported graph serves them: probabilities = softmax(logits / temperature)."""
-        return cls(np.asarray(logits, np.float32), softmax(logits, temperature).astype(np.float32), labels, kinds)
+        return cls(np.asarray(logits, np.float32), softmax(logits, temperature).astype(np.float32), labels, kinds,
+                   shapes)
+
+    def decide(self, rule: Rejection | None) -> np.ndarray:
+        """The server's verdict (`service.recognition.rejection.decide`) on every row."""
+        return decide(rule, self.logits, self.probabilities, shapes=self.shapes)
 
     def score(self, name: str) -> np.ndarray:
         """One of the rejection scores per row."""
@@ -53,7 +66,7 @@ class Outputs:
 
 
 def _rate(rule: Rejection, outputs: Outputs) -> float:
-    return float(np.mean(decide(rule, outputs.logits, outputs.probabilities) != "")) if len(outputs.logits) else 0.0
+    return float(np.mean(outputs.decide(rule) != "")) if len(outputs.logits) else 0.0
 
 
 def _largest_below(values: np.ndarray, budget: float) -> float:
@@ -87,8 +100,12 @@ def choose_rule(digits: Sequence[Outputs], negatives: Outputs, total_budget: flo
         "budgets": {"total": total_budget, "not_a_digit": not_a_digit_budget},
         "validation_auroc": {name: round(value, 6) for name, value in separation.items()},
     }
-    rule = Rejection(not_a_digit=not_a_digit, uncertain=Threshold(UNCERTAIN_SCORE, chosen), extra=extra)
-    return rule
+    shapes = [d.shapes for d in digits if d.shapes is not None]
+    limits = strokes.choose(np.concatenate(shapes), STROKES_BUDGET) if shapes else {}
+    if limits:
+        extra["budgets"]["strokes"] = STROKES_BUDGET
+    return Rejection(not_a_digit=not_a_digit, uncertain=Threshold(UNCERTAIN_SCORE, chosen), strokes=limits,
+                     extra=extra)
 
 
 def measure_digits(rule: Rejection | None, outputs: Outputs) -> dict[str, Any]:
@@ -97,7 +114,7 @@ def measure_digits(rule: Rejection | None, outputs: Outputs) -> dict[str, Any]:
     labels = np.asarray(outputs.labels)
     predicted = outputs.probabilities.argmax(axis=1)
     correct = predicted == labels
-    reasons = decide(rule, outputs.logits, outputs.probabilities)
+    reasons = outputs.decide(rule)
     accepted = reasons == ""
     return {
         "count": int(labels.size),
@@ -112,7 +129,7 @@ def measure_digits(rule: Rejection | None, outputs: Outputs) -> dict[str, Any]:
 
 def measure_negatives(rule: Rejection | None, outputs: Outputs, digits: Outputs | None = None) -> dict[str, Any]:
     """Share of non-digits rejected (any reason, and as not_a_digit), per kind; AUROC against `digits`."""
-    reasons = decide(rule, outputs.logits, outputs.probabilities)
+    reasons = outputs.decide(rule)
     kinds = outputs.kinds if outputs.kinds is not None else np.full(len(reasons), "all", dtype=object)
     figures: dict[str, Any] = {
         "count": len(reasons),

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from service.recognition import strokes
 from training.data import stratified_folds
 from training.recipe.config import TrainConfig
 from training.synth.clientstyle import client_style
@@ -86,6 +87,9 @@ class TaskResult:
     seconds: float
     test_logits: np.ndarray | None = None
     history: list[dict[str, float]] = field(default_factory=list)
+    shapes: dict[str, np.ndarray] = field(default_factory=dict)
+    """`strokes.features` of the pixels behind `logits`, `client_logits`, `val_negative_logits` and
+    `eval_negative_logits`: keys digits, client, val, eval."""
 
 
 def digit_kinds(kinds: Iterable[str]) -> list[str]:
@@ -166,6 +170,7 @@ def run_task(task: Task, shared: Shared | None = None) -> TaskResult:
 
     eval_digits = shared.images[task.eval_idx]
     assert shared.val_negatives is not None and shared.eval_negatives is not None and shared.eval_renders is not None
+    eval_renders = shared.eval_renders[task.eval_idx]
     made = dict.fromkeys(digit_kinds(TRAIN_KINDS), shared.per_kind)
     val_negatives = _concat(shared.val_negatives, generate(made, NEGATIVES_VAL_SEED, eval_digits)
                             if len(eval_digits) else Negatives(np.zeros((0, 28, 28), np.uint8), np.zeros(0, object)))
@@ -176,7 +181,7 @@ def run_task(task: Task, shared: Shared | None = None) -> TaskResult:
         name=task.name,
         eval_idx=task.eval_idx,
         logits=logits_of(model, as_input(eval_digits)),
-        client_logits=logits_of(model, as_input(shared.eval_renders[task.eval_idx])),
+        client_logits=logits_of(model, as_input(eval_renders)),
         val_negative_logits=logits_of(model, as_input(val_negatives.images)),
         val_negative_kinds=val_negatives.kinds,
         eval_negative_logits=logits_of(model, as_input(eval_negatives.images)),
@@ -184,6 +189,8 @@ def run_task(task: Task, shared: Shared | None = None) -> TaskResult:
         seconds=time.perf_counter() - tick,
         history=history,
         test_logits=None if shared.test_idx is None else logits_of(model, as_input(shared.images[shared.test_idx])),
+        shapes={"digits": strokes.features(eval_digits), "client": strokes.features(eval_renders),
+                "val": strokes.features(val_negatives.images), "eval": strokes.features(eval_negatives.images)},
     )
 
 

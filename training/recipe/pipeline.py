@@ -84,6 +84,9 @@ def _oof(results: dict[str, TaskResult], labels: np.ndarray) -> dict[str, np.nda
         "eval_kinds": np.concatenate([r.eval_negative_kinds for r in folds]),
     }
     joined["labels"] = labels[joined["idx"]]
+    if all(r.shapes for r in folds):
+        for key in ("digits", "client", "val", "eval"):
+            joined[f"{key}_shapes"] = np.concatenate([r.shapes[key] for r in folds])
     return joined
 
 
@@ -92,7 +95,9 @@ def measure_final(result: TaskResult, labels: np.ndarray, calibration: Calibrati
     """The final model on the test part and the negatives, with the temperature and rule chosen without them."""
     truth = labels[result.eval_idx]
     t = calibration.temperature
-    mnist, client = Outputs.of(result.logits, t, truth), Outputs.of(result.client_logits, t, truth)
+    shapes = result.shapes
+    mnist = Outputs.of(result.logits, t, truth, shapes=shapes.get("digits"))
+    client = Outputs.of(result.client_logits, t, truth, shapes=shapes.get("client"))
     matrix = np.zeros((10, 10), np.int64)
     np.add.at(matrix, (truth, result.logits.argmax(1)), 1)
     return {
@@ -101,9 +106,11 @@ def measure_final(result: TaskResult, labels: np.ndarray, calibration: Calibrati
         "client_style": {**measure_digits(rule, client), "ece_before": ece(softmax(result.client_logits), truth),
                          "ece_after": ece(client.probabilities, truth)},
         "val_negatives": measure_negatives(rule, Outputs.of(result.val_negative_logits, t,
-                                                            kinds=result.val_negative_kinds), mnist),
+                                                            kinds=result.val_negative_kinds,
+                                                            shapes=shapes.get("val")), mnist),
         "eval_negatives": measure_negatives(rule, Outputs.of(result.eval_negative_logits, t,
-                                                             kinds=result.eval_negative_kinds), mnist),
+                                                             kinds=result.eval_negative_kinds,
+                                                             shapes=shapes.get("eval")), mnist),
     }
 
 
@@ -157,29 +164,34 @@ def run_pipeline(config: TrainConfig, folds: int, jobs: int, cv_only: bool = Fal
 def _plot_validation_coverage(oof: dict[str, np.ndarray], calibration: Calibration, rule: Rejection,
                               path: Path) -> None:
     """Coverage-vs-accuracy on the validation data: out-of-fold digits, alone and mixed with negatives."""
-    from service.recognition.rejection import decide
     from training.plots import plot_coverage
     from training.quality.metrics import coverage_curve
 
     t = calibration.temperature
-    digits = Outputs.of(oof["logits"], t, oof["labels"])
+    digits = Outputs.of(oof["logits"], t, oof["labels"], shapes=oof.get("digits_shapes"))
     correct = digits.probabilities.argmax(1) == oof["labels"]
 
     def curve(outputs: Outputs, right: np.ndarray, score: str) -> tuple[np.ndarray, np.ndarray, tuple[float, float]]:
-        accepted = decide(rule, outputs.logits, outputs.probabilities) == ""
+        accepted = outputs.decide(rule) == ""
         return (*coverage_curve(outputs.score(score), right),
                 (float(accepted.mean()), float(right[accepted].mean()) if accepted.any() else 0.0))
 
     curves = {f"{len(correct)} out-of-fold digits": curve(digits, correct, "max_probability")}
-    for name, key in (("validation negatives", "val_negatives"), ("measuring negatives", "eval_negatives")):
+    for name, key, shapes in (("validation negatives", "val_negatives", "val_shapes"),
+                              ("measuring negatives", "eval_negatives", "eval_shapes")):
         if len(oof[key]):
-            negatives = Outputs.of(oof[key], t)
+            negatives = Outputs.of(oof[key], t, shapes=oof.get(shapes))
             mixed = Outputs(np.concatenate([digits.logits, negatives.logits]),
-                            np.concatenate([digits.probabilities, negatives.probabilities]))
+                            np.concatenate([digits.probabilities, negatives.probabilities]),
+                            shapes=_joined(digits.shapes, negatives.shapes))
             right = np.concatenate([correct, np.zeros(len(negatives.logits), bool)])
             curves[f"digits + {len(negatives.logits)} {name} (by {rule.not_a_digit.score})"] = curve(
                 mixed, right, rule.not_a_digit.score)
     plot_coverage(curves, path, "Validation (out-of-fold): coverage vs accuracy (dots: the chosen rule)")
+
+
+def _joined(first: np.ndarray | None, second: np.ndarray | None) -> np.ndarray | None:
+    return None if first is None or second is None else np.concatenate([first, second])
 
 
 def _write_heldout(directory: Path, images: np.ndarray, labels: np.ndarray, test_idx: np.ndarray,

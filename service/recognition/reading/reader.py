@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from service.recognition import rejection
+from service.recognition import rejection, strokes
 from service.recognition.decode import RawImage, decode, raw_pixels
 from service.recognition.model_metadata import Rejection
 from service.recognition.preprocess import mnist_recipe
@@ -144,7 +144,8 @@ class Reader:
         chosen = choose(found, logits, probabilities, self._scoring)
         if not chosen:  # ink, but every piece of it was cheaper to drop than to read as a digit
             return Reading("", 0.0, (), rejection.NOT_A_DIGIT, len(found.candidates))
-        reasons = rejection.decide(rule, logits[chosen], probabilities[chosen])
+        shapes = strokes.features(pixels[chosen]) if rule is not None and rule.strokes else None
+        reasons = rejection.decide(rule, logits[chosen], probabilities[chosen], shapes=shapes)
         digits = tuple(
             ReadDigit(int(probabilities[i].argmax()), float(probabilities[i].max()), found.candidates[i].box,
                       logits[i], probabilities[i], str(reason))
