@@ -20,6 +20,7 @@ import sys
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -127,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="switch the strokes test off (--reject-filled-above 1 --reject-grey-inside-above 1): "
                              "the same model and images, the model's scores alone")
     args = parser.parse_args(argv)
-    off = {"reject_filled_above": 1.0, "reject_grey_inside_above": 1.0} if args.without_strokes else {}
+    off: dict[str, Any] = {"reject_filled_above": 1.0, "reject_grey_inside_above": 1.0} if args.without_strokes else {}
     with ServerThread(**off) as server:
         rows = report(server.target, args.digits, args.fashion, args.per_kind)
         version = server.recognizer.model.version

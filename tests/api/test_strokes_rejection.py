@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -54,8 +55,8 @@ def test_pictures_that_are_not_strokes_are_not_a_digit_through_every_protocol() 
         registry = server.server.metrics.registry
         before = registry.get_sample_value("digits_rejected_predictions_total", {"reason": "not_a_digit"}) or 0.0
         assert [p.rejection for p in client.recognize(files).predictions] == ["not_a_digit"] * 2
-        assert registry.get_sample_value("digits_rejected_predictions_total", {"reason": "not_a_digit"}) \
-            - before == 2
+        after = registry.get_sample_value("digits_rejected_predictions_total", {"reason": "not_a_digit"})
+        assert after is not None and after - before == 2
         # The reader's ink map evens out the paper locally, which hollows a filled shape into its outline:
         # there only the grey picture is caught (docs/training.md, "The strokes test").
         [reading] = client.read(files[1:]).readings
@@ -79,8 +80,8 @@ def test_pictures_that_are_not_strokes_are_not_a_digit_through_every_protocol() 
 
 @pytest.mark.parametrize("how", ["flags", "older model"])
 def test_without_the_strokes_test_the_model_reads_them_as_digits(how: str, tmp_path: Path) -> None:
-    settings = ({"reject_filled_above": 1.0, "reject_grey_inside_above": 1.0} if how == "flags"
-                else {"model": model_without_strokes(tmp_path / "older.onnx")})
-    with ServerThread(**settings) as server, DigitsClient(server.target) as client:  # type: ignore[arg-type]
+    settings: dict[str, Any] = ({"reject_filled_above": 1.0, "reject_grey_inside_above": 1.0} if how == "flags"
+                                else {"model": model_without_strokes(tmp_path / "older.onnx")})
+    with ServerThread(**settings) as server, DigitsClient(server.target) as client:
         predictions = client.recognize(pictures()).predictions
     assert [(p.digit, p.accepted) for p in predictions] == [(0, True), (1, True)]
