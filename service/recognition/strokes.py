@@ -29,10 +29,10 @@ KEYS = (FILLED, GREY_INSIDE)
 
 def features(pixels: np.ndarray, paper: float = 0.0) -> np.ndarray:
     """[n, 2] float64: per image `filled` and `grey_inside` (columns in KEYS order, each a share in
-    0..1) of a stack [n, H, W] of
-    MNIST-convention pixels, ink bright: uint8 0..255, float32 0..1, or the model's normalized input
-    with `paper` the value of blank paper in it (only the order of values and their distance above the
-    paper matter). Images without ink, and images wider than 32 pixels, give 0.
+    0..1) of a stack [n, H, W] of MNIST-convention pixels, ink bright: uint8 0..255, float32 0..1, or
+    the model's normalized input with `paper` the value of blank paper in it (only the order of values
+    and their distance above the paper matter). Images without ink, and images wider than 32 pixels,
+    give 0.
 
     Each row of a mask is packed into one 32-bit word, so that the erosions are a few integer
     operations per row: a batch of 256 costs a few times what one image does.
