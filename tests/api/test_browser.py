@@ -62,8 +62,9 @@ def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[webdriver.Chro
         driver.quit()
 
 
-def strokes(digit: np.ndarray) -> list[tuple[int, int, int, int]]:
-    """The digit's ink as horizontal drags, one per run of ink pixels in each row, in pad pixels."""
+def strokes(digit: np.ndarray, cell: int = CELL) -> list[tuple[int, int, int, int]]:
+    """The digit's ink as horizontal drags, one per run of ink pixels in each row, in pad pixels
+    (`cell` pad pixels per MNIST pixel)."""
     lines = []
     for row in range(digit.shape[0]):
         ink = np.flatnonzero(digit[row] >= INK)
@@ -71,12 +72,12 @@ def strokes(digit: np.ndarray) -> list[tuple[int, int, int, int]]:
             continue
         breaks = np.flatnonzero(np.diff(ink) > 1)
         for start, end in zip(np.r_[ink[0], ink[breaks + 1]], np.r_[ink[breaks], ink[-1]], strict=True):
-            y = row * CELL + CELL // 2
-            lines.append((int(start) * CELL + CELL // 2, y, int(end) * CELL + CELL // 2, y))
+            y = row * cell + cell // 2
+            lines.append((int(start) * cell + cell // 2, y, int(end) * cell + cell // 2, y))
     return lines
 
 
-def draw(driver: webdriver.Chrome, digit: np.ndarray, dx: int = 0) -> None:
+def draw(driver: webdriver.Chrome, digit: np.ndarray, dx: int = 0, cell: int = CELL) -> None:
     """Real pointer input: press, drag along each run, release, as a person would with a mouse; `dx`
     moves the digit right by that many pad pixels (for a number on the wide pad)."""
     box = driver.execute_script(
@@ -85,7 +86,7 @@ def draw(driver: webdriver.Chrome, digit: np.ndarray, dx: int = 0) -> None:
     left, top, scale = box
     actions = ActionBuilder(driver, duration=0)
     mouse = actions.pointer_action
-    for x0, y0, x1, y1 in strokes(digit):
+    for x0, y0, x1, y1 in strokes(digit, cell):
         mouse.move_to_location(int(left + (x0 + dx) * scale), int(top + y0 * scale))
         mouse.pointer_down()
         mouse.move_to_location(int(left + (x1 + dx) * scale), int(top + y1 * scale))
@@ -131,6 +132,31 @@ def test_drawn_real_digits_are_recognised(server: ServerThread, browser: webdriv
     target = os.environ.get("DIGITS_SAVE_SCREENSHOT")
     if target:
         shutil.copyfile(shots[0], target)
+
+
+def test_digits_drawn_small_are_read_not_rejected_as_filled_shapes(server: ServerThread,
+                                                                    browser: webdriver.Chrome) -> None:
+    """Drawn 84 px tall with the 18 px pen, a digit is a blob on the pad; the page sends its strokes again
+    with a pen in proportion (the strokes test would reject the blob as not_a_digit)."""
+    images, labels = fixture_digits()
+    picks = [int(np.flatnonzero(labels == label)[0]) for label in (0, 2, 3, 7, 9)]
+    browser.get(f"http://127.0.0.1:{server.server.http_port}/")
+    as_shown = []
+    for index in picks:
+        browser.find_element("id", "clear").click()
+        draw(browser, images[index], dx=90, cell=3)
+        assert answer(browser) == str(labels[index]), f"drew fixture digit {index} small"
+        assert browser.find_element("id", "result").get_attribute("data-verdict") == "accepted"
+        # The pad as it shows the drawing, sent as it is: what the page no longer sends.
+        shown = browser.execute_async_script(
+            "const done = arguments[arguments.length - 1];"
+            "document.getElementById('pad').toBlob(async (png) => {"
+            "  const r = await fetch('/v1/recognize', {method: 'POST', body: png,"
+            "                                          headers: {'Content-Type': 'image/png'}});"
+            "  done((await r.json()).rejection); }, 'image/png');")
+        as_shown.append(shown)
+    # 3 of the 5 (2026-12-03: two not_a_digit, one uncertain): the thinner pen is what gets them read.
+    assert sum(verdict is not None for verdict in as_shown) >= 2, as_shown
 
 
 def test_a_number_drawn_on_the_wide_pad_is_read_with_a_box_per_digit(server: ServerThread,
