@@ -76,7 +76,7 @@ class BatchResult:
     probabilities: np.ndarray
     model: LoadedModel
     finite: bool = True  # every value of the whole batch's outputs is finite (checked on the inference thread)
-    shapes: np.ndarray | None = None  # strokes.features of its rows, when the model's rule has the strokes test
+    shapes: np.ndarray | None = None  # strokes.features of its rows, when the rule in force has the strokes test
 
 
 # A batch's logits, probabilities, strokes features (or None), inference seconds, and all-finite flag.
@@ -105,8 +105,11 @@ class DynamicBatcher:
     """
 
     def __init__(self, current_model: Callable[[], LoadedModel], max_batch_size: int, max_delay_s: float,
-                 max_queue: int, metrics: Metrics) -> None:
+                 max_queue: int, metrics: Metrics,
+                 strokes_for: Callable[[LoadedModel], bool] = lambda model: False) -> None:
         self._current_model = current_model
+        # Whether a batch of this model needs strokes.features: the rule in force (its owner's) says.
+        self._strokes_for = strokes_for
         self._max_batch = max_batch_size
         self._max_delay = max_delay_s
         self._max_queue = max_queue
@@ -324,8 +327,7 @@ class DynamicBatcher:
         logits, probabilities = model.run(inputs)
         finite = bool(np.isfinite(logits).all() and np.isfinite(probabilities).all())
         shapes = None
-        rule = model.metadata.rejection
-        if rule is not None and rule.strokes:
+        if self._strokes_for(model):
             # Once per batch, on the model's input: blank paper is at (0 - mean) / std there.
             norm = model.metadata.normalization
             shapes = strokes.features(inputs[:, 0], paper=-norm.mean / norm.std)

@@ -146,7 +146,8 @@ class Recognizer:
         # docs/benchmarks.md).
         self._reading = ThreadPoolExecutor(max_workers=READING_THREADS, thread_name_prefix="read")
         self._batcher = DynamicBatcher(lambda: self._model, config.max_batch_size, config.max_batch_delay_s,
-                                       config.max_queue, metrics)
+                                       config.max_queue, metrics,
+                                       strokes_for=lambda model: rejection.tests_strokes(self.rule(model)))
         self._overrides = RejectionOverrides(config.reject_not_a_digit_below, config.reject_uncertain_below,
                                              config.reject_filled_above, config.reject_grey_inside_above)
         self._predicted = tuple(metrics.predictions.labels(digit=digit) for digit in DIGITS)  # bound once

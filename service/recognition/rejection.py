@@ -74,6 +74,12 @@ def scores(name: str, logits: np.ndarray, probabilities: np.ndarray) -> np.ndarr
     raise ValueError(f"unknown rejection score {name!r}")
 
 
+def tests_strokes(rule: Rejection | None) -> bool:
+    """Can the rule's strokes test reject anything? (Its features are shares of at most 1, so a
+    threshold of 1 or more, as the flags set to switch it off, never rejects: no need to measure.)"""
+    return rule is not None and any(below < 1.0 for below in rule.strokes.values())
+
+
 def decide(rule: Rejection | None, logits: np.ndarray, probabilities: np.ndarray,
            inked: np.ndarray | None = None, shapes: np.ndarray | None = None) -> np.ndarray:
     """The rejection reason of every row ("" when accepted), as a numpy array of strings.

@@ -144,7 +144,7 @@ class Reader:
         chosen = choose(found, logits, probabilities, self._scoring)
         if not chosen:  # ink, but every piece of it was cheaper to drop than to read as a digit
             return Reading("", 0.0, (), rejection.NOT_A_DIGIT, len(found.candidates))
-        shapes = strokes.features(pixels[chosen]) if rule is not None and rule.strokes else None
+        shapes = strokes.features(pixels[chosen]) if rejection.tests_strokes(rule) else None
         reasons = rejection.decide(rule, logits[chosen], probabilities[chosen], shapes=shapes)
         digits = tuple(
             ReadDigit(int(probabilities[i].argmax()), float(probabilities[i].max()), found.candidates[i].box,
