@@ -15,6 +15,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from training.recipe.config import TEACHER_MODELS
+
 TORCH_HINT = "pip install '.[train]' torch==2.13.0"
 DEFAULT_MODEL = "models/lenet5.onnx"
 
@@ -100,7 +102,8 @@ RECIPE_FLAGS = {
     "client_variants": "--client-variants", "neighbours": "--neighbours",
     "neighbour_variants": "--neighbour-variants", "oe_weight": "--oe-weight", "oe_per_digit": "--oe-per-digit",
     "oe_batch": "--oe-batch", "teachers": "--teachers", "distill_weight": "--distill-weight",
-    "distill_temperature": "--distill-temperature", "teachers_from": "--teachers-from",
+    "distill_temperature": "--distill-temperature", "teacher_model": "--teacher-model",
+    "teacher_epochs": "--teacher-epochs", "teachers_from": "--teachers-from",
 }
 
 
@@ -295,7 +298,11 @@ def register(subparsers: Any) -> None:
     recipe.add_argument("--oe-weight", type=float, default=0.5, help="outlier-exposure loss weight (0: off; 0.5)")
     recipe.add_argument("--oe-per-digit", type=float, default=3.0, help="generated negatives per digit (default 3)")
     recipe.add_argument("--oe-batch", type=_positive_int, default=64, help="negatives per batch (default 64)")
-    recipe.add_argument("--teachers", type=int, default=0, help="distil from this many LeNet-5 teachers (0: off)")
+    recipe.add_argument("--teachers", type=int, default=0, help="distil from this many teachers (0: off)")
+    recipe.add_argument("--teacher-model", choices=TEACHER_MODELS, default="lenet5",
+                        help="the teachers' network: lenet5, or wide, a larger CNN that only teaches (default lenet5)")
+    recipe.add_argument("--teacher-epochs", type=int, default=0,
+                        help="epochs of each teacher's training (default 0: --epochs)")
     recipe.add_argument("--distill-weight", type=float, default=0.5, help="share of the KD loss (default 0.5)")
     recipe.add_argument("--distill-temperature", type=float, default=2.0, help="KD temperature (default 2)")
     recipe.add_argument("--teachers-from", action="append", metavar="RUN_DIR",

@@ -24,7 +24,14 @@ from service.recognition import strokes
 from service.recognition.model_metadata import Calibration, Rejection
 from training.data import NORMALIZATION, Digits, Splits, prepare_splits, write_split
 from training.plots import plot_training_curves
-from training.recipe.config import CHECKPOINT_FORMAT, LR_SCHEDULES, PARITY_DIGITS, TrainConfig, learning_rate
+from training.recipe.config import (
+    CHECKPOINT_FORMAT,
+    LR_SCHEDULES,
+    PARITY_DIGITS,
+    TrainConfig,
+    learning_rate,
+    teacher_config,
+)
 from training.recipe.loop import (
     as_input,
     build_augment,
@@ -140,7 +147,8 @@ def train(config: TrainConfig, log: Callable[[str], None] = print) -> TrainResul
 
     train_set = build_training_set(config, splits.train.images, splits.train.labels, np.arange(len(splits.train)))
     val_x, val_y = to_tensors(splits.val)
-    teachers = [fit(config, train_set, config.seed * 100 + 10 * j, name=f"teacher {j}")[0]
+    teachers = [fit(teacher_config(config), train_set, config.seed * 100 + 10 * j, name=f"teacher {j}",
+                    architecture=config.teacher_model)[0]
                 for j in range(1, config.teachers + 1)]
     model, optimizer, generator, ema = new_model(config, config.seed)
     augment = build_augment(config)

@@ -134,3 +134,36 @@ def test_bad_checkpoint_is_clear_error(tmp_path: Path) -> None:
         load_checkpoint(bad)
     with pytest.raises(TrainError, match=r"missing.pt: checkpoint not found"):
         load_checkpoint(tmp_path / "missing.pt")
+
+
+def test_wide_teacher_distils_into_one_lenet5(tmp_path: Path, mnist_small_dir: Path) -> None:
+    # A larger CNN teaches; what the run makes (and `digits export` ships) is still one LeNet-5.
+    from training.model import EXPECTED_PARAMETERS, LeNet5, count_parameters
+
+    plain = train(config(mnist_small_dir, tmp_path / "plain", epochs=1), log=quiet)
+    taught = train(config(mnist_small_dir, tmp_path / "taught", epochs=1, teachers=1, teacher_model="wide",
+                          teacher_epochs=2), log=quiet)
+    model = LeNet5()
+    model.load_state_dict(weights(taught.last_checkpoint))
+    assert count_parameters(model) == EXPECTED_PARAMETERS
+    # Same seed and digits: only the teacher's loss made the weights differ.
+    assert not torch.equal(weights(taught.last_checkpoint)["classifier.5.bias"],
+                           weights(plain.last_checkpoint)["classifier.5.bias"])
+    assert load_checkpoint(taught.last_checkpoint)["config"]["teacher_model"] == "wide"
+
+
+def test_weight_average_keeps_batch_norm_statistics() -> None:
+    # The wide teacher normalizes its batches: an average of its weights with the initial statistics
+    # (mean 0, variance 1) would read every digit through the wrong scale.
+    from training.model import WideTeacher
+    from training.recipe.loop import Ema
+
+    teacher = WideTeacher()
+    average = Ema(teacher, 0.998)
+    teacher.train()
+    teacher(torch.randn(32, 1, 28, 28) * 3 + 2)
+    average.update(teacher)
+    for mine, theirs in zip(average.model.buffers(), teacher.buffers(), strict=True):
+        assert torch.equal(mine, theirs)
+    statistics = dict(average.model.named_buffers())["features.1.running_mean"]
+    assert float(statistics.abs().sum()) > 0

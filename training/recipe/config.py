@@ -7,13 +7,15 @@ quick); the `digits train` command line defaults to the shipped recipe (`trainin
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from training.data import SPLIT_SEED
 
 CHECKPOINT_FORMAT = 1
+TEACHER_MODELS = ("lenet5", "wide")
+"""What `--teacher-model` may name: LeNet-5 itself, or `training.model.WideTeacher`."""
 PARITY_DIGITS = 256
 """Real digits kept in a checkpoint for the export's ONNX-vs-PyTorch check."""
 LR_SCHEDULES = ("cosine", "constant", "onecycle")
@@ -85,6 +87,10 @@ class TrainConfig:
     distill_weight: float = 0.5
     """Share of the digit loss that is the KL divergence to the teachers' mean (tempered) output."""
     distill_temperature: float = 2.0
+    teacher_model: str = "lenet5"
+    """The teachers' network (`training.model.TEACHER_MODELS`): LeNet-5, or the larger `WideTeacher`."""
+    teacher_epochs: int = 0
+    """Epochs of each teacher's own training (0: `epochs`)."""
     teachers_from: tuple[str, ...] = ()
     """Run directories of earlier `digits train --cv` runs on the same split and folds: their models of
     the same name (fold-k, final) teach too (an experiment's shortcut: no teachers to train again)."""
@@ -98,6 +104,11 @@ class TrainConfig:
         """Only the settings that change the model (no paths, no bookkeeping)."""
         skip = {"data_dir", "out_dir", "resume", "threads", "command", "progress", "val_size", "test_size"}
         return {k: v for k, v in self.to_dict().items() if k not in skip}
+
+
+def teacher_config(config: TrainConfig) -> TrainConfig:
+    """The recipe a teacher trains with: the student's, with the teacher's epochs and no teachers of its own."""
+    return replace(config, epochs=config.teacher_epochs or config.epochs, teachers=0, teachers_from=())
 
 
 def learning_rate(config: TrainConfig, epoch: int, fraction: float = 0.0) -> float:

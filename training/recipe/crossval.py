@@ -49,6 +49,8 @@ class Task:
     """Names of the tasks whose models it distils from (they run first)."""
     external_teachers: tuple[str, ...] = ()
     """Model files of earlier runs it also distils from."""
+    teacher: bool = False
+    """A teacher: trained with `teacher_config` as the recipe's teacher network."""
 
 
 @dataclass
@@ -141,7 +143,8 @@ def run_task(task: Task, shared: Shared | None = None) -> TaskResult:
     """Train and measure one task (in a worker process, or here when `shared` is given)."""
     import torch
 
-    from training.model import lenet5
+    from training.model import teacher_model
+    from training.recipe.config import teacher_config
     from training.recipe.loop import as_input, build_training_set, fit, logits_of
     from training.synth.negatives import NEGATIVES_EVAL_SEED, NEGATIVES_TRAIN_SEED, NEGATIVES_VAL_SEED
 
@@ -160,11 +163,21 @@ def run_task(task: Task, shared: Shared | None = None) -> TaskResult:
     renders = shared.renders[:, task.train_idx] if shared.renders is not None else None
     data = build_training_set(config, images, shared.labels[task.train_idx], task.train_idx, renders, negatives)
     teachers = []
-    for path in [shared.model_dir / f"{name}.pt" for name in task.teachers] + [Path(p) for p in task.external_teachers]:
-        teacher = lenet5(config.deskew)
+    for path in [shared.model_dir / f"{name}.pt" for name in task.teachers]:
+        teacher = teacher_model(config.teacher_model, config.deskew)
         teacher.load_state_dict(torch.load(path, weights_only=True))
         teachers.append(teacher.eval())
-    model, history = fit(config, data, task.seed, teachers, name=task.name)
+    for path in [Path(p) for p in task.external_teachers]:
+        state = torch.load(path, weights_only=True)
+        # An earlier run's model: a LeNet-5, or a wide teacher (the only kind with batch-norm statistics).
+        teacher = teacher_model("wide" if any(k.endswith("running_mean") for k in state) else "lenet5", config.deskew)
+        teacher.load_state_dict(state)
+        teachers.append(teacher.eval())
+    if task.teacher:
+        model, history = fit(teacher_config(config), data, task.seed, name=task.name,
+                             architecture=config.teacher_model)
+    else:
+        model, history = fit(config, data, task.seed, teachers, name=task.name)
     shared.model_dir.mkdir(parents=True, exist_ok=True)
     torch.save(model.state_dict(), shared.model_dir / f"{task.name}.pt")
 
@@ -236,7 +249,8 @@ def fold_tasks(config: TrainConfig, pool_idx: np.ndarray, labels: np.ndarray, fo
 
 def model_tasks(config: TrainConfig, name: str, seed: int, train_idx: np.ndarray, eval_idx: np.ndarray) -> list[Task]:
     """The task for one model, preceded by its teachers' tasks when the recipe distils."""
-    teachers = [Task(f"{name}-teacher-{j}", seed + 10 * j, train_idx, eval_idx) for j in range(1, config.teachers + 1)]
+    teachers = [Task(f"{name}-teacher-{j}", seed + 10 * j, train_idx, eval_idx, teacher=True)
+                for j in range(1, config.teachers + 1)]
     external = tuple(str(Path(run) / "models" / f"{name}.pt") for run in config.teachers_from)
     missing = [path for path in external if not Path(path).is_file()]
     if missing:

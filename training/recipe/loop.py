@@ -24,7 +24,7 @@ from tqdm import tqdm
 from service.recognition.preprocess import normalize
 from training.augment import AffineAugment
 from training.data import NORMALIZATION
-from training.model import lenet5
+from training.model import lenet5, teacher_model
 from training.recipe.config import TrainConfig, learning_rate
 from training.synth.clientstyle import TRAIN_RENDER_SEED, client_style
 from training.synth.negatives import NEGATIVES_TRAIN_SEED, generate, training_counts
@@ -139,6 +139,9 @@ class Ema:
         decay = min(self.decay, (1 + self.steps) / (10 + self.steps))
         for average, current in zip(self.model.parameters(), model.parameters(), strict=True):
             average.mul_(decay).add_(current.detach(), alpha=1 - decay)
+        # Batch-norm statistics are not weights: the average takes the model's current ones.
+        for kept, now in zip(self.model.buffers(), model.buffers(), strict=True):
+            kept.copy_(now)
 
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint needs to continue the average."""
@@ -238,11 +241,16 @@ def logits_of(model: torch.nn.Module, inputs: torch.Tensor, batch: int = 1024) -
     return torch.cat([model(inputs[i:i + batch]) for i in range(0, inputs.shape[0], batch)]).numpy()
 
 
-def new_model(config: TrainConfig, seed: int) -> tuple[torch.nn.Module, torch.optim.Optimizer, torch.Generator,
-                                                         Ema | None]:
-    """A freshly initialised LeNet-5 (from `seed`), its optimizer, random generator and EMA."""
+def new_model(config: TrainConfig, seed: int, architecture: str | None = None) -> tuple[
+        torch.nn.Module, torch.optim.Optimizer, torch.Generator, Ema | None]:
+    """A freshly initialised LeNet-5 (or the teacher network `architecture`) from `seed`, its optimizer,
+    random generator and EMA."""
     torch.manual_seed(seed)
-    model = lenet5(config.deskew, config.dropout)
+    model: torch.nn.Module
+    if architecture is None:
+        model = lenet5(config.deskew, config.dropout)
+    else:
+        model = teacher_model(architecture, config.deskew)
     optimizer = (torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
                  if config.weight_decay > 0 else torch.optim.Adam(model.parameters(), lr=config.lr))
     ema = Ema(model, config.ema_decay) if config.ema_decay > 0 else None
@@ -250,10 +258,11 @@ def new_model(config: TrainConfig, seed: int) -> tuple[torch.nn.Module, torch.op
 
 
 def fit(config: TrainConfig, data: TrainingSet, seed: int, teachers: Sequence[torch.nn.Module] = (),
-        log: Callable[[str], None] | None = None, name: str = "") -> tuple[torch.nn.Module, list[dict[str, float]]]:
-    """Train one model for `config.epochs` epochs, no validation; returns the model to use (the EMA
-    when on) and one record per epoch."""
-    model, optimizer, generator, ema = new_model(config, seed)
+        log: Callable[[str], None] | None = None, name: str = "",
+        architecture: str | None = None) -> tuple[torch.nn.Module, list[dict[str, float]]]:
+    """Train one model (LeNet-5, or the teacher network `architecture`) for `config.epochs` epochs, no
+    validation; returns the model to use (the EMA when on) and one record per epoch."""
+    model, optimizer, generator, ema = new_model(config, seed, architecture)
     augment = build_augment(config)
     history = []
     for epoch in range(1, config.epochs + 1):
