@@ -96,3 +96,14 @@ def test_neighbour_renders_keep_the_middle_digit_readable(digits: np.ndarray) ->
     metadata = ModelMetadata.from_props(session.get_modelmeta().custom_metadata_map)
     logits = session.run(None, {metadata.input_name: normalize(renders, metadata.normalization)})[0]
     assert np.mean(logits.argmax(axis=1) == labels) > 0.8
+
+
+def test_symbols_report_names_the_measuring_symbols_exactly() -> None:
+    # tests/symbols_report.py breaks the measuring symbols down by character: its images must be the very
+    # images `digits evaluate --negatives` measures, and each must be named by the symbol drawn.
+    from tests.symbols_report import drawn_symbols
+    from training.synth.negatives import NEGATIVES_EVAL_SEED, generate
+
+    images, characters = drawn_symbols(24)
+    assert np.array_equal(images, generate({"other_symbols": 24}, NEGATIVES_EVAL_SEED).images)
+    assert set(characters) <= set(glyphs.EVAL_SYMBOLS) and len(set(characters)) > 5
