@@ -307,7 +307,7 @@ def register(subparsers: Any) -> None:
     recipe.add_argument("--distill-temperature", type=float, default=2.0, help="KD temperature (default 2)")
     recipe.add_argument("--teachers-from", action="append", metavar="RUN_DIR",
                         help="with --cv: also distil from the same-named models of an earlier --cv run on the same "
-                        "folds (repeatable)")
+                        "folds: LeNet-5s, or wide teachers copied in as fold-K.pt (repeatable)")
     train.add_argument("--cv", type=int, default=0, metavar="K", help="k-fold cross-validate the recipe on all but "
                        "the test digits, then train the final model on them, calibrate and choose thresholds on "
                        "the out-of-fold outputs, and measure it on the test digits (default 0: one run with a "
