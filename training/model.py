@@ -147,7 +147,8 @@ class WideTeacher(nn.Module):
 
     Two blocks of two 3x3 convolutions (16 then 32 channels, batch-normalized, ReLU), each followed by
     max-pooling, then 32x7x7 -> 128 -> 10 with dropout: about 11 times LeNet-5's arithmetic per image
-    (7 times its training time on one CPU thread), sized so that `make train` stays well under 30 minutes.
+    (7 times its training time on one CPU thread), sized so that a distilled `make train` still fits in
+    30 minutes on 2 cores (about 23 measured, docs/training.md).
     """
 
     def __init__(self, num_classes: int = NUM_CLASSES) -> None:
@@ -166,10 +167,16 @@ class WideTeacher(nn.Module):
         return self.classifier(self.features(x))
 
 
-def teacher_model(name: str, deskew: bool = False) -> nn.Module:
-    """A fresh teacher network of kind `name` (one of TEACHER_MODELS)."""
+def teacher_model(name: str, deskew: bool = False, dropout: float = 0.0) -> nn.Module:
+    """A fresh teacher network of kind `name` (one of TEACHER_MODELS); a LeNet-5 teacher gets the
+    recipe's `deskew` and `dropout`, as its student does."""
     if name == "lenet5":
-        return lenet5(deskew)
+        return lenet5(deskew, dropout)
     if name == "wide":
         return WideTeacher()
     raise ValueError(f"teacher model must be one of {TEACHER_MODELS}, got {name!r}")
+
+
+def teacher_kind(state: dict[str, torch.Tensor]) -> str:
+    """Which TEACHER_MODELS network saved weights `state` are: only the wide one has batch norm."""
+    return "wide" if any(key.endswith("running_mean") for key in state) else "lenet5"

@@ -72,3 +72,14 @@ def test_augment_shift_moves_by_pixels() -> None:
         moved = augment(image, generator)
         rows, cols = torch.nonzero(moved[0, 0] > 0.01, as_tuple=True)
         assert rows.min() >= 12 and rows.max() <= 16 and cols.min() >= 12 and cols.max() <= 16
+
+
+def test_saved_teachers_load_as_the_network_they_are() -> None:
+    # `--teachers-from` runs may hold LeNet-5s or wide teachers: each file loads into its own network.
+    from training.model import WideTeacher, teacher_kind, teacher_model
+
+    for made in (lenet5(), WideTeacher()):
+        state = made.state_dict()
+        loaded = teacher_model(teacher_kind(state))
+        loaded.load_state_dict(state)
+        assert type(loaded) is type(made)

@@ -143,7 +143,7 @@ def run_task(task: Task, shared: Shared | None = None) -> TaskResult:
     """Train and measure one task (in a worker process, or here when `shared` is given)."""
     import torch
 
-    from training.model import teacher_model
+    from training.model import teacher_kind, teacher_model
     from training.recipe.config import teacher_config
     from training.recipe.loop import as_input, build_training_set, fit, logits_of
     from training.synth.negatives import NEGATIVES_EVAL_SEED, NEGATIVES_TRAIN_SEED, NEGATIVES_VAL_SEED
@@ -163,14 +163,10 @@ def run_task(task: Task, shared: Shared | None = None) -> TaskResult:
     renders = shared.renders[:, task.train_idx] if shared.renders is not None else None
     data = build_training_set(config, images, shared.labels[task.train_idx], task.train_idx, renders, negatives)
     teachers = []
-    for path in [shared.model_dir / f"{name}.pt" for name in task.teachers]:
-        teacher = teacher_model(config.teacher_model, config.deskew)
-        teacher.load_state_dict(torch.load(path, weights_only=True))
-        teachers.append(teacher.eval())
-    for path in [Path(p) for p in task.external_teachers]:
+    # This run's teachers, then earlier runs' models (LeNet-5s, or wide teachers copied in).
+    for path in [shared.model_dir / f"{name}.pt" for name in task.teachers] + [Path(p) for p in task.external_teachers]:
         state = torch.load(path, weights_only=True)
-        # An earlier run's model: a LeNet-5, or a wide teacher (the only kind with batch-norm statistics).
-        teacher = teacher_model("wide" if any(k.endswith("running_mean") for k in state) else "lenet5", config.deskew)
+        teacher = teacher_model(teacher_kind(state), config.deskew)
         teacher.load_state_dict(state)
         teachers.append(teacher.eval())
     if task.teacher:

@@ -246,11 +246,8 @@ def new_model(config: TrainConfig, seed: int, architecture: str | None = None) -
     """A freshly initialised LeNet-5 (or the teacher network `architecture`) from `seed`, its optimizer,
     random generator and EMA."""
     torch.manual_seed(seed)
-    model: torch.nn.Module
-    if architecture is None:
-        model = lenet5(config.deskew, config.dropout)
-    else:
-        model = teacher_model(architecture, config.deskew)
+    model = (lenet5(config.deskew, config.dropout) if architecture is None
+             else teacher_model(architecture, config.deskew, config.dropout))
     optimizer = (torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
                  if config.weight_decay > 0 else torch.optim.Adam(model.parameters(), lr=config.lr))
     ema = Ema(model, config.ema_decay) if config.ema_decay > 0 else None
