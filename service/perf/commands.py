@@ -133,11 +133,19 @@ def register_bench(subparsers: Any) -> None:
                              "measured, with the reason, when it cannot run")
     parser.add_argument("--mlserver", type=Path, default=None, metavar="PATH",
                         help="the mlserver executable for --peer mlserver")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
+                        help="measure this device's path instead (for a GPU machine: one short run): the "
+                             "providers onnxruntime offers, where each node runs, the in-process ceiling at "
+                             "batch 1-1024 and `digits serve --device DEVICE` at c64 x1 and c16 x64, each "
+                             "beside the CPU; writes --out (default runs/bench-device/DEVICE.md) and JSON; "
+                             "exit 1 when DEVICE cannot run or a node falls back to the CPU")
     parser.set_defaults(func=run_bench)
 
 
 def run_bench(args: argparse.Namespace) -> int:
     """Run `digits bench`; exit 0 once the report is written (targets met or not)."""
+    if args.device is not None:
+        return run_device_bench(args)
     from service.perf.bench import BenchOptions
     from service.perf.bench import run_bench as measure
     from service.perf.benchreport import evaluate_targets, write_report
@@ -167,4 +175,33 @@ def run_bench(args: argparse.Namespace) -> int:
         verdict = "not measured" if target.met is None else "met" if target.met else "NOT met"
         print(f"{verdict:8s} {target.name}: {target.measured} (goal {target.goal})")
     print(f"wrote {out}")
+    return 0
+
+
+def run_device_bench(args: argparse.Namespace) -> int:
+    """Run `digits bench --device`; exit 0 when DEVICE ran every node and the report is written."""
+    from service.perf.devicebench import run_device_bench as measure
+    from service.perf.devicebench import write_device_report
+
+    if not args.model.is_file():
+        print(f"digits bench: model not found: {args.model}", file=sys.stderr)
+        return 2
+    images = args.images
+    if images is None and Path("tests/fixtures/mnist-small").is_dir():
+        images = Path("tests/fixtures/mnist-small")
+    out = args.out or Path(f"runs/bench-device/{args.device}.md")
+    try:
+        report = measure(args.model, args.device, images, args.threads, args.quick,
+                         log=lambda line: print(line, file=sys.stderr, flush=True))
+    except (RuntimeError, ValueError, OSError) as exc:
+        print(f"digits bench: {exc}", file=sys.stderr)
+        return 1
+    write_device_report(report, out)
+    print(f"wrote {out}")
+    if report.not_measured:
+        print(f"digits bench: not measured: {report.not_measured}", file=sys.stderr)
+        return 1
+    if report.off_device:
+        print(f"digits bench: nodes off {args.device}: {report.off_device}", file=sys.stderr)
+        return 1
     return 0
