@@ -184,7 +184,8 @@ def run_device_bench(model_path: Path, device: str, images: Path | None, threads
                           list(ort.get_available_providers()), gpu_name(), describe_machine(), threads)
     log(f"onnxruntime {ort.__version__} offers {report.available}; GPU: {report.gpu}")
     try:
-        choose_providers(device, report.available)
+        # Offered is not enough: the provider's libraries (CUDA, cuDNN) must load too, or load_model says so.
+        load_model(model_path, device, threads, warmup_batch=1)
     except ModelLoadError as exc:
         report.not_measured = str(exc)
         return report

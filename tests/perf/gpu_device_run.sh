@@ -13,7 +13,8 @@
 #                                (ignored by git through .git/info/exclude; about 225 MB, a few minutes)
 #   gpu_device_run.sh stash      THERE: stash the carried parts (and install .whl when carried)
 #   gpu_device_run.sh run        THERE: unpack onnxruntime-gpu if needed, then `digits bench --device cuda`
-# Results go to $OUT (cuda.md, cuda.json, log). The calls, each fired within the machine's 30 s warm
+# Results go to $OUT (cuda.md, cuda.json, log). Rehearsed here with Python 3.12 and a CPU-only onnxruntime
+# in a venv first on PATH: everything up to the CUDA libraries loads, and the report says they did not. The calls, each fired within the machine's 30 s warm
 # window of the one before: carry .ortgpu/part.aa, .ab, .ac with `stash`; then .ortgpu/part.ad and .whl
 # with `run` (timeout 420 s).
 set -uo pipefail
@@ -64,7 +65,8 @@ found = {f.parent for r in roots if r.is_dir() for n in names for f in r.glob(f"
 print(":".join(sorted(map(str, found))))
 EOF
 )
-export LD_LIBRARY_PATH="$libs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+# The CUDA toolkit's own folder as a fallback (the image has nvcc).
+export LD_LIBRARY_PATH="$libs${libs:+:}/usr/local/cuda/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH" | tee -a "$OUT/machine.txt"
 python3 -c 'import onnxruntime as o; print("serving onnxruntime", o.__version__, o.__file__, o.get_available_providers())' \
     2>&1 | tee -a "$OUT/machine.txt"
