@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 
 from tests.harness import fixture_digits
 from training.synth import glyphs
+from training.synth import negatives as negatives_module
 from training.synth.clientstyle import client_style
 from training.synth.negatives import (
     EVAL_KINDS,
@@ -98,6 +101,40 @@ def test_neighbour_renders_keep_the_middle_digit_readable(digits: np.ndarray) ->
     assert np.mean(logits.argmax(axis=1) == labels) > 0.8
 
 
+def test_broad_symbols_keep_away_from_digits_and_from_what_is_measured() -> None:
+    broad, held = set(glyphs.BROAD_SYMBOLS), set(glyphs.BROAD_HELD_OUT)
+    assert len(broad) > 900 and len(held) > 150 and not broad & held
+    assert not (broad | held) & set(glyphs.EVAL_SYMBOLS)
+    from training.synth.broad_symbols import HAND_LEFT_OUT
+
+    assert not (broad | held) & set(HAND_LEFT_OUT)
+    # Marked forms of the look-alike letters and rings are zeros, fives, sevens...: none is trained on.
+    assert not (broad | held) & set("ŽŞĞØŤıÖ○∅⊙◐ӧ")
+
+
+def test_training_kinds_never_draw_what_is_held_out_or_measured() -> None:
+    texts: list[str] = []
+    render = negatives_module.render_text
+
+    def recording(text: str, *args: Any, **kwargs: Any) -> Any:
+        texts.append(text)
+        return render(text, *args, **kwargs)
+
+    negatives_module.render_text = recording
+    try:
+        for i in range(150):
+            make_one("symbols", 11, i)
+        trained = set("".join(texts))
+        texts.clear()
+        for i in range(60):
+            make_one("held_symbols", 11, i)
+        held = set("".join(texts))
+    finally:
+        negatives_module.render_text = render
+    assert trained <= set(glyphs.TRAIN_SYMBOLS + glyphs.BROAD_SYMBOLS) and trained & set(glyphs.BROAD_SYMBOLS)
+    assert held <= set(glyphs.BROAD_HELD_OUT) and len(held) > 20
+
+
 def test_symbols_report_names_the_measuring_symbols_exactly() -> None:
     # tests/symbols_report.py breaks the measuring symbols down by character: its images must be the very
     # images `digits evaluate --negatives` measures, and each must be named by the symbol drawn.
@@ -107,3 +144,21 @@ def test_symbols_report_names_the_measuring_symbols_exactly() -> None:
     images, characters = drawn_symbols(24)
     assert np.array_equal(images, generate({"other_symbols": 24}, NEGATIVES_EVAL_SEED).images)
     assert set(characters) <= set(glyphs.EVAL_SYMBOLS) and len(set(characters)) > 5
+
+
+def test_broad_symbols_are_what_their_rules_choose() -> None:
+    # glyphs.BROAD_SYMBOLS and BROAD_HELD_OUT are committed as text so that a model's training set can be read;
+    # they must stay what `python -m training.synth.broad_symbols` chooses from the sample's training digits.
+    import os
+    from pathlib import Path
+
+    from training.data import prepare_splits
+    from training.synth.broad_symbols import choose, split
+
+    data = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "mnist-sample"
+    if not data.is_dir():
+        if os.environ.get("CI"):
+            pytest.fail(f"CI runs with ../shared beside the clone, but {data} is missing")
+        pytest.skip(f"needs the 8,000-digit sample at {data}")
+    chosen, _ = choose(prepare_splits(data).train.images)
+    assert split(chosen) == (glyphs.BROAD_SYMBOLS, glyphs.BROAD_HELD_OUT)

@@ -1,7 +1,8 @@
 """Printed letters and symbols that look like no digit, and the fonts to print them with.
 
 Two disjoint halves, so that rejection is measured on what the model was not trained on:
-- training: DejaVu Sans and DejaVu Serif (every weight, slant and width), letters and TRAIN_SYMBOLS;
+- training: DejaVu Sans and DejaVu Serif (every weight, slant and width), letters, TRAIN_SYMBOLS and
+  BROAD_SYMBOLS (BROAD_HELD_OUT, in the same fonts, is never trained on: recipes are chosen with it);
 - measuring: DejaVu Sans Mono, DejaVu Math TeX Gyre and Pillow's built-in font (Aileron), the same
   letters and EVAL_SYMBOLS (no symbol is in both lists).
 
@@ -27,6 +28,37 @@ TRAIN_SYMBOLS = ("#%@*+=~<>^×÷±≠≈∑∏∆←→↔★♥♣☺✓∀∈�
                  # Added for model 2.1.0: arrows, set and logic signs, boxes, pictographs, Cyrillic capitals.
                  "↖↗↘↙⇔∠⊂⊃⊆⊇∧∨∼⊢⊣⋈⊞⊟⊠△□■▲▼☐☑☒✈☂☎✉✂❄⌘⌥⚠‰«»‹›⁂※₩ЖШЩЮЯИЙЦЛ")
 EVAL_SYMBOLS = "¶©®™€£¥¤⇒⇐☆♦♠☼✗✚✱∇∩≡≤≥√∝№"
+BROAD_SYMBOLS = (
+                 "¨ª«¬¯µ»¿ĀāĂăĄąĆćĈĉĊċČčďđĒēĔĕĖėĘęĚěĤĥĦħĲĳĶķĸĹĻĽĿŁŃńŅņŇňŉŒ"
+                 "œŔŕŖŗŘřũūŭůűŲŴŵŶŷŸƇƈƏƑƔƘƙƜƝƢƣƤƥƦƩƯưƲƳƴƸƹǆǇǈǉǊǋǌǍǎǔǕǖǗǘǙǚ"
+                 "ǛǜǝǞǟǠǡǢǣǨǩǮǯǱǳǶǷǸǹǺǻǼǽȀȁȂȃȄȅȆȇȐȑȒȓȕȗȞȟȢȣȦȧȨȩȲȳȵȸȺȻȼȽɁɂɄ"
+                 "ɅɆɇɍɎɏͰͶ;΅ΆΈΉΑΔΗΚΛΜΝΡΣΧΨΩΫάΰαγκλνπσυχψωϋύώϒϓϔϖϗϚϛϜϞϠϡϢϣϦ"
+                 "ϧϪϰϲϸϺϻЁЂЉЊЋЌЍЎЏГДЖИЙКЛУЦЩЪЫЬЮгдежийклрстуфхцшъыюяѐёѓћўѠ"
+                 "ѡѢѣѥѦѧѨѩѪѫѬѮѯѰѱѶѷѸѹѼѽѾѿ҂ҋҌҍҎҏҐґҒҗҘҙҚқҜҝҞҟҠҡҢңҤҥҦҨҩҬҭҮүұҲ"
+                 "ҳҵҺһҿӁӂӄӅӆӇӉӍӎӑӒӓӕӗӘәӚӛӜӞӟӢӣӤӥӫӬӰӱӲӳӶӸӹӺӽԱԲԴԷԸԹԻԽՃՉՊՍՎՐՒ"
+                 "Ֆ՜՞՟աեէթլհձղճմնչպսվտրւքև֊בכמעפץרש‐‑–‗“‟‥‰‱″‴‶‷‹›※‼⁁⁂⁈⁉⁐⁑"
+                 "⁒⁕⁖⁗⁘₢₣₥₦₨₩₪₫₭₰₱₲₳₵₹₺℀℃℄℆℉ℋℌℍℎℏℐℒ℔ℕ℘ℙℚℛℜℝ℞℟℠℡℣℥ΩKÅℬℭ℮ℰℱℳ"
+                 "ℶℷ℻ℼℽℿ⅀⅃⅄ⅅⅆⅇⅈ⅋ⅎ←→↔↖↙↚↛↜↝↞↟↢↣↤↦↧↨↩↬↮↯↱↳↸↹↼↽⇄⇅⇆⇇⇊⇌⇎⇑⇖⇗⇘⇙⇚⇛"
+                 "⇝⇞⇠⇡⇢⇣⇥⇧⇩⇪⇫⇬⇮⇱⇲⇳⇵⇶⇷⇸⇹⇻⇼⇽⇿∀∈∉∊∋∌∍∑∓∔∛∜∞∟∠∢∧∪∬∭∯∰∱∲∳∴∶∷∸∹∺"
+                 "∾≁≂≃≄≇≈≍≎≏≐≒≓≔≕≖≗≘≙≚≛≜≞≟≠≦≧≨≪≫≭≮≯≰≴≵≶≷≹≺≻≼≽≾≿⊁⊂⊄⊅⊆⊇⊈⊊⊋⊌⊍"
+                 "⊎⊏⊑⊒⊓⊟⊠⊡⊢⊣⊤⊦⊧⊨⊩⊪⊫⊭⊮⊯⊰⊱⊲⊴⊵⊶⊷⊸⊹⊻⊼⊽⊾⊿⋀⋃⋆⋇⋋⋌⋍⋎⋏⋑⋓⋕⋗⋛⋜⋝⋞⋟⋡⋢⋣⋤"
+                 "⋥⋧⋨⋩⋪⋬⋳⋴⋶⋷⋸⋺⋻⋼⋽⋾⋿⌁⌂⌃⌄⌆⌌⌎⌏⌐⌑⌘⌙⌞⌟⌤⌥⌧⌨⌫⌬⍴⍵⍺⍽⎇⎔⏎⏏⏥⏨■□▣▤▥▦▧▪▫"
+                 "▭▯▱△▵▶▹►▻▽▿◀◁◂◃◄◅◇◈◊◣◤◥◩◪◫◬◭◮◰◲◳◸◹◺◻◼◽◾☁☂☃☄★☇☈☊☋☌☍☎☏☐☑☒☓"
+                 "☔☕☖☗☘☚☜☝☞☟☠☢☣☥☦☧☨☩☫☬☭☯☰☱☲☳☴☵☶☸☺☿♀♁♃♄♆♇♈♉♋♍♎♏♐♑♒♔♕♖♘♙♚♛♜♝"
+                 "♞♟♡♢♤♧♨♪♫♬♭♮♯♰♱♲♳♴♵♶♷♸♹♾⚀⚁⚂⚃⚅⚌⚍⚎⚐⚒⚓⚔⚕⚖⚗⚘⚚⚛⚜⚞⚠⚡⚢⚤⚥⚧⚩⚭⚮⚯⚰⚱"
+                 "⚳⚴⚷⚸⛀⛁⛂⛃✁✃✄✆✈✉✌✎✐✑✒✕✖✙✟✡✥✧✭✯✳✴✵✶✺✿❁❄❅❆❉❋❐❒❝❞❡❣❤❦❭❮➔➘➙➚➝➞"
+                 "➠➢➤➥➨➩➪➫➬➭➮➯➱➳➴➵➷➸➹➻➼➾")
+"""Added for model 2.3.0: every character of whole Unicode blocks that the training fonts draw, less the
+measuring symbols, their look-alikes and digit look-alikes (`python -m training.synth.broad_symbols` chose
+them and says what it left out, and why)."""
+BROAD_HELD_OUT = (
+                  "¢±ƕƺƿǁǄȹͱͲͳͷΎΓΞΥέήβζμρτϊϏϫϮϷЀЃАМНРХШамнщьђљњќѝѤѭѴѵҊғҖҧҰҴ"
+                  "ҼҽҾӃӈӊӐӔӖӝӪӭӮӯӷӼӾӿԵԺԼՂՆՔբդժիխփֆאצק”„‸⁇⁙⁛⁜₧₮₯₸℁ℂ℅ℯℲℵℾ↗↘↠↪"
+                  "↫↭↲↵⇀⇁⇈⇉⇋⇓⇕⇜⇤⇭⇯⇰⇺⇾∁∆∡∵∿≉≑≣≩≱≸⊀⊃⊉⊐⊔⊞⊬⊳⋁⋈⋉⋊⋐⋔⋖⋘⋙⋚⋠⋦⋭⋲⋵⋹⌀⌅⌦"
+                  "▨▩▬▰▷▸◧◨◱◿☉☛☤☪☮☷☻☽☾♂♅♊♌♓♗♺♼♽♿⚄⚏⚙⚟⚣⚦⚵⚶⛢✂✇✍✏✝✞✠✫✮✷❀❈❊❏❑➛➟➣"
+                  "➦➶➺➽")
+"""The fifth of the broad candidates held out of training: symbols in the training fonts that no model
+trains on, to choose between recipes with (negatives.SELECTION_KINDS), never the measuring kinds."""
 LETTERS = UPPER + LOWER
 
 FONT_DIRS = (Path("/usr/share/fonts"), Path("/usr/local/share/fonts"))
@@ -94,7 +126,10 @@ def _font_set(prefixes: Sequence[str], characters: str, builtin: bool) -> FontSe
 @functools.cache
 def training_fonts() -> FontSet:
     """Fonts and characters that training negatives are printed with."""
-    return _font_set(TRAIN_FONT_PREFIXES, LETTERS + GREEK + TRAIN_SYMBOLS, builtin=False)
+    # The held-out symbols are in the coverage too, for the selection kind; each training kind draws from
+    # its own characters only (negatives._glyph).
+    return _font_set(TRAIN_FONT_PREFIXES, LETTERS + GREEK + TRAIN_SYMBOLS + BROAD_SYMBOLS + BROAD_HELD_OUT,
+                     builtin=False)
 
 
 @functools.cache

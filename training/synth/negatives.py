@@ -18,6 +18,7 @@ is a thick bar or hook that reads as a 1 or a 7.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -148,10 +149,18 @@ def blobs(rng: np.random.Generator, _digits: np.ndarray | None) -> Page:
     return Image.fromarray(np.where(values > cut, 0, 255).astype(np.uint8))
 
 
+@functools.cache
+def _pool(drawn: str, characters: str | None) -> str:
+    """The characters of `characters` among `drawn`, a font's coverage (all of `drawn` for None or none)."""
+    if characters is None:
+        return drawn
+    wanted = set(characters)
+    return "".join(c for c in drawn if c in wanted) or drawn
+
+
 def _glyph(rng: np.random.Generator, fonts: FontSet, characters: str | None, length: int = 1) -> Page:
     font = fonts.fonts[int(rng.integers(0, len(fonts.fonts)))]
-    pool = fonts.coverage[font] if characters is None else "".join(
-        c for c in fonts.coverage[font] if c in characters) or fonts.coverage[font]
+    pool = _pool(fonts.coverage[font], characters)
     text = "".join(pool[int(rng.integers(0, len(pool)))] for _ in range(length))
     size = int(rng.integers(24, 121))
     bold = int(rng.integers(0, max(1, size // 12))) if rng.random() < 0.3 else 0
@@ -164,10 +173,10 @@ def letters(rng: np.random.Generator, _digits: np.ndarray | None) -> Page:
 
 
 def symbols(rng: np.random.Generator, _digits: np.ndarray | None) -> Page:
-    """A printed symbol in a training font (glyphs.TRAIN_SYMBOLS)."""
-    from training.synth.glyphs import TRAIN_SYMBOLS
+    """A printed symbol in a training font (glyphs.TRAIN_SYMBOLS and glyphs.BROAD_SYMBOLS)."""
+    from training.synth.glyphs import BROAD_SYMBOLS, TRAIN_SYMBOLS
 
-    return _glyph(rng, training_fonts(), TRAIN_SYMBOLS)
+    return _glyph(rng, training_fonts(), TRAIN_SYMBOLS + BROAD_SYMBOLS)
 
 
 def _pick(rng: np.random.Generator, digits: np.ndarray | None) -> np.ndarray:
@@ -235,6 +244,13 @@ def other_symbols(rng: np.random.Generator, _digits: np.ndarray | None) -> Page:
     from training.synth.glyphs import EVAL_SYMBOLS
 
     return _glyph(rng, eval_fonts(), EVAL_SYMBOLS)
+
+
+def held_symbols(rng: np.random.Generator, _digits: np.ndarray | None) -> Page:
+    """A printed symbol in a training font that no model trains on (glyphs.BROAD_HELD_OUT)."""
+    from training.synth.glyphs import BROAD_HELD_OUT
+
+    return _glyph(rng, training_fonts(), BROAD_HELD_OUT)
 
 
 def words(rng: np.random.Generator, _digits: np.ndarray | None) -> Page:
@@ -328,12 +344,15 @@ EVAL_KINDS: dict[str, Maker] = {
     "photos": photos,
     "digit_strings": digit_strings,
 }
+SELECTION_KINDS: dict[str, Maker] = {"held_symbols": held_symbols}
+"""Kinds for choosing between training recipes: never trained on, and not the measuring kinds."""
 # Share of each training kind in a generated set (letters and symbols most: what clients will send).
-TRAIN_MIX = {"strokes": 0.12, "shapes": 0.12, "scribbles": 0.1, "blobs": 0.08, "letters": 0.24, "symbols": 0.14,
-             "digit_groups": 0.12, "textures": 0.08}
+TRAIN_MIX = {"strokes": 0.1, "shapes": 0.1, "scribbles": 0.08, "blobs": 0.05, "letters": 0.22, "symbols": 0.28,
+             "digit_groups": 0.12, "textures": 0.05}
 MADE_OF_DIGITS = frozenset({"digit_groups", "digit_strings"})
 """Kinds made of real digits: always from the digits a model trains on (or is measured on), never others."""
-_KIND_IDS = {name: i for i, name in enumerate([*TRAIN_KINDS, *EVAL_KINDS])}
+# Selection kinds come last, so that adding one leaves every other kind's images as they were.
+_KIND_IDS = {name: i for i, name in enumerate([*TRAIN_KINDS, *EVAL_KINDS, *SELECTION_KINDS])}
 
 
 def stick_like(pixels: np.ndarray) -> bool:
@@ -351,7 +370,7 @@ def make_one(kind: str, seed: int, index: int, digits: np.ndarray | None = None)
 
     Drawings that come out stick-like (see `stick_like`) are drawn again from the same random stream.
     """
-    maker = TRAIN_KINDS.get(kind) or EVAL_KINDS.get(kind)
+    maker = TRAIN_KINDS.get(kind) or EVAL_KINDS.get(kind) or SELECTION_KINDS.get(kind)
     if maker is None:
         raise ValueError(f"unknown kind of negative {kind!r}")
     rng = np.random.default_rng([seed, 100 + _KIND_IDS[kind], index])
