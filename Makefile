@@ -174,10 +174,10 @@ font-deps:
 DATA_DIR ?= ../shared/data/mnist-sample
 JOBS ?= 2
 TRAIN_ARGS := --data-dir $(DATA_DIR) --out-dir runs/lenet5 --cv 5 --seed 1 --model-out models/lenet5.onnx \
-    --version 2.2.0
+    --version 2.3.0
 train: $(VENV)/.dev-installed font-deps
 	$(BIN)/digits train $(TRAIN_ARGS) --jobs $(JOBS)
-	$(BIN)/digits export --checkpoint runs/lenet5/final.pt --quantize int8 --version 2.2.0
+	$(BIN)/digits export --checkpoint runs/lenet5/final.pt --quantize int8 --version 2.3.0
 
 # Rewrites the generated section of docs/benchmarks.md and docs/benchmarks.png (a few minutes).
 BENCH_ARGS ?= --peer mlserver

@@ -64,7 +64,7 @@ def test_serve_with_no_model_flag_serves_the_bundled_model(tmp_path: Path) -> No
         proc.send_signal(signal.SIGTERM)
         _, stderr = proc.communicate(timeout=30)
     assert proc.returncode == 0, stderr[-2000:]
-    assert (recognition.model_name, recognition.model_version) == ("lenet5", "2.2.0")
+    assert (recognition.model_name, recognition.model_version) == ("lenet5", "2.3.0")
     assert recognition.predictions[0].digit == LABELS[0]
 
 
