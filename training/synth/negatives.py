@@ -4,10 +4,12 @@ Every negative is drawn as a client would send it (dark ink on a light page, any
 and brought through the server's own recipe (`clientstyle.page_to_pixels`), except `textures`, which
 are raw 28x28 arrays (raw 28x28 pixels reach the model as they are).
 
-Two families, never mixed:
+Three families, never mixed:
 - TRAIN_KINDS are trained on (with one seed) and used to choose the thresholds (with another seed);
 - EVAL_KINDS are only measured: other fonts and other symbols (`glyphs`), words, doodles, photo-like
-  noise and longer strings of digits, none of which training ever draws.
+  noise and longer strings of digits, none of which training ever draws;
+- SELECTION_KINDS choose between training recipes: symbols held out of training (glyphs.BROAD_HELD_OUT)
+  in the training fonts, so that the measuring kinds stay untouched by the choice.
 
 Nothing here may look like a single digit (see `glyphs` for the letters left out): strokes come in
 twos to fours, shapes avoid rings, and whatever comes out as a lone bar (`stick_like`) is drawn again.
