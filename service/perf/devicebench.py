@@ -185,14 +185,13 @@ def run_device_bench(model_path: Path, device: str, images: Path | None, threads
     log(f"onnxruntime {ort.__version__} offers {report.available}; GPU: {report.gpu}")
     try:
         # Offered is not enough: the provider's libraries (CUDA, cuDNN) must load too, or load_model says so.
-        load_model(model_path, device, threads, warmup_batch=1)
+        normalization = load_model(model_path, device, threads, warmup_batch=1).metadata.normalization
     except ModelLoadError as exc:
         report.not_measured = str(exc)
         return report
     source = load_images(images, synthetic=512)
     digits = np.stack([a for a in source.images if isinstance(a, np.ndarray) and a.shape == (28, 28)] or
                       [np.zeros((28, 28), np.uint8)])
-    normalization = load_model(model_path, "cpu", 1, warmup_batch=1).metadata.normalization
     inputs = normalize(np.resize(digits, (max(BATCHES), *digits.shape[1:])), normalization)
     report.placement = node_placement(model_path, device, np.ascontiguousarray(inputs[:64]))
     report.strict_load = strict_load(model_path, device)
