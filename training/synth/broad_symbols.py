@@ -40,9 +40,9 @@ BLOCKS = ((0x00A1, 0x00BF), (0x0100, 0x024F), (0x0370, 0x03FF), (0x0400, 0x04FF)
 """Latin-1 signs, Latin Extended-A/B, Greek, Cyrillic, Armenian, Hebrew, punctuation, currency,
 letterlike symbols, arrows, mathematical operators, technical signs, geometric shapes, miscellaneous
 symbols, dingbats."""
-HAND_LEFT_OUT = "OoDQ°Iliј|/!t↑↓⊥ZzSs$§GbTB&gqξ∃φ⊕⊗0123456789" + "ЧчҶҷҸҹӴӵӋӌƄƅℓℤℨ"
-"""The digit look-alikes glyphs' docstring lists, left out of every set; then fours (Cyrillic che), sixes
-(tone six), a script l and Z's that the printed-digit test below lets through."""
+HAND_LEFT_OUT = "OoDQ°Ilijј|/!t↑↓⊥ZzSs$§GbTB&gqξ∃φ⊕⊗0123456789" + "ЧчҶҷҸҹӴӵӋӌƄƅℓℤℨ"
+"""The digit look-alikes glyphs' docstring lists (with the Cyrillic ј beside j), left out of every set; then
+fours (Cyrillic che), sixes (tone six), a script l and Z's that the printed-digit test below lets through."""
 ZERO_NAMES = ("CIRCLE", "FISHEYE", "EMPTY SET", "OMICRON", "LETTER O ", "BULLET", "ZERO", "ROUND")
 """Words of the names of rings and round things (○ ∅ ⊙ ◐ ӧ): zeros, as glyphs' docstring says of O o °,
 which the similarity tests let through when the ring is thin."""
