@@ -183,8 +183,8 @@ def measure_ceiling(model_path: Path, threads: int, digits: np.ndarray, seconds:
 
 
 @dataclass
-class _Tally:
-    """One load point against one server, summed over the rounds."""
+class Tally:
+    """One load point against one server, summed over the rounds (the device bench sums its rounds so too)."""
 
     stats: LoadStats = field(default_factory=LoadStats)
     seconds: float = 0.0
@@ -208,7 +208,7 @@ class _Tally:
 
 
 def measure_once(target: str, requests: Sequence[PreparedRequest], concurrency: int, opts: BenchOptions,
-                 tally: _Tally, cpu: Any = None, method: str | None = None, parse: Any = None,
+                 tally: Tally, cpu: Any = None, method: str | None = None, parse: Any = None,
                  metadata: Sequence[tuple[str, str]] = ()) -> Summary:
     """Warm up, then measure one closed-loop load point once, adding it to `tally`."""
     extra: dict[str, Any] = {"metadata": metadata}
@@ -272,7 +272,7 @@ def parse_read(data: bytes) -> list[int]:
     return [int("1" + r.text) if r.text.isdigit() else -2 for r in digits_pb2.ReadResponse.FromString(data).readings]
 
 
-def _v2_point(engine: str, server: str, point: tuple[int, int, int], tally: _Tally) -> V2Point:
+def _v2_point(engine: str, server: str, point: tuple[int, int, int], tally: Tally) -> V2Point:
     summary = tally.stats.summary(tally.seconds)
     cpu = None if tally.server_cpu_s is None or not summary.images else tally.server_cpu_s / summary.images * 1e6
     return V2Point(engine, server, *point, summary.images_per_s, summary.latency_s["p50"],
@@ -329,16 +329,16 @@ def run_bench(opts: BenchOptions, log: Any = print) -> BenchResults:
     if opts.token_file is not None:
         auth_flags, metadata = ["--auth-token-file", str(opts.token_file)], bearer_metadata(read_token(opts.token_file))
         results.notes.append("every server ran with --auth-token-file and every call carried a bearer token")
-    tallies: dict[tuple[str, str, int, int], _Tally] = {}
-    echo_tally = _Tally()
+    tallies: dict[tuple[str, str, int, int], Tally] = {}
+    echo_tally = Tally()
     normalization = load_model(opts.model, "cpu", 1, warmup_batch=1).metadata.normalization
     tensors = {b: v2_tensors(digits, normalization, b) for b in sorted({b for _, b, _ in V2_POINTS})}
-    v2_tallies: dict[tuple[str, tuple[int, int, int]], _Tally] = {}
+    v2_tallies: dict[tuple[str, tuple[int, int, int]], Tally] = {}
     analyzer_runs: dict[tuple[str, tuple[int, int]], list[AnalyzerResult]] = {}
     reading = read_requests(images)
     if not reading:
         results.not_measured["Read"] = "the bench's images have no labelled 28x28 digits to compose numbers from"
-    read_tally = _Tally()
+    read_tally = Tally()
     with contextlib.ExitStack() as stack:
         echo = stack.enter_context(EchoServer())
         servers = {name: stack.enter_context(ServerProcess(model, count, [*extra, *auth_flags]))
@@ -373,7 +373,7 @@ def run_bench(opts: BenchOptions, log: Any = print) -> BenchResults:
                 for encoding in ENCODINGS:
                     names = [n for n in servers if (encoding, concurrency, batch) in points[n]]
                     for name in (names if round_ % 2 == 0 else names[::-1]):
-                        tally = tallies.setdefault((name, encoding, concurrency, batch), _Tally())
+                        tally = tallies.setdefault((name, encoding, concurrency, batch), Tally())
                         summary = measure_once(servers[name].target, requests[encoding, batch], concurrency,
                                                opts, tally, servers[name].cpu_s, metadata=metadata)
                         log(f"  {name:14s} {encoding:3s} c{concurrency:<3d} x{batch:<3d} "
@@ -403,7 +403,7 @@ def run_bench(opts: BenchOptions, log: Any = print) -> BenchResults:
 
 
 def _measure_v2(opts: BenchOptions, round_: int, servers: dict[str, Any], tensors: dict[int, list[np.ndarray]],
-                tallies: dict[tuple[str, tuple[int, int, int]], _Tally],
+                tallies: dict[tuple[str, tuple[int, int, int]], Tally],
                 log: Any) -> None:
     """Every V2_POINT against every v2 server back to back (alternating order), tritonclient.grpc.aio."""
     names = list(servers) if round_ % 2 == 0 else list(servers)[::-1]
@@ -411,7 +411,7 @@ def _measure_v2(opts: BenchOptions, round_: int, servers: dict[str, Any], tensor
         concurrency, batch, clients = point
         for name in names:
             server = servers[name]
-            tally = tallies.setdefault((name, point), _Tally())
+            tally = tallies.setdefault((name, point), Tally())
             spec = TritonLoad(server.target, "lenet5", concurrency, opts.warmup_s, clients=clients)
             run_triton_load(spec, tensors[batch])  # warm-up, unmeasured
             spec = TritonLoad(server.target, "lenet5", concurrency, opts.measure_s / opts.rounds, clients=clients)

@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from service.perf.bench import v2_tensors
+from service.perf.bench import Tally, v2_tensors
 from service.perf.benchprocs import ServerProcess, free_port
 from service.perf.loadsource import load_images, prepare_requests
 from service.perf.loadstats import LoadStats, Summary, percentile
@@ -147,8 +147,9 @@ def served_provider(metrics_port: int) -> str:
     return "not reported"
 
 
-def _point(device: str, engine: str, concurrency: int, batch: int, summary: Summary,
-           cpu_s: float | None) -> dict[str, Any]:
+def _point(device: str, engine: str, concurrency: int, batch: int, tally: Tally) -> dict[str, Any]:
+    summary = tally.stats.summary(tally.seconds)
+    cpu_s = tally.server_cpu_s
     return {"server": f"--device {device}", "engine": engine, "concurrency": concurrency, "batch": batch,
             "images_per_s": summary.images_per_s, "p50_ms": summary.latency_s["p50"] * 1e3,
             "p99_ms": summary.latency_s["p99"] * 1e3, "errors": summary.error_count,
@@ -156,11 +157,11 @@ def _point(device: str, engine: str, concurrency: int, batch: int, summary: Summ
 
 
 def _load(server: ServerProcess, engine: str, concurrency: int, batch: int, tensors: Any, requests: Any,
-          warmup_s: float, seconds: float, stats: LoadStats) -> tuple[Summary, float | None]:
-    """One closed-loop point against `server`; what it measured is added to `stats`. Returns its summary
-    and the server's CPU seconds over it."""
-    before = server.cpu_s()
+          warmup_s: float, seconds: float, tally: Tally) -> Summary:
+    """One closed-loop point against `server`, added to `tally` with the server's CPU seconds over it."""
+    before, client_before = server.cpu_s(), time.process_time()
     if engine == ENGINES[0]:
+        stats = LoadStats()
         summary = run_triton_load(TritonLoad(server.target, "lenet5", concurrency, seconds, warmup_s,
                                              clients=min(concurrency, 8)), tensors[batch], stats)
     else:
@@ -168,11 +169,11 @@ def _load(server: ServerProcess, engine: str, concurrency: int, batch: int, tens
                         connections=min(concurrency, 8))
         generator = LoadGenerator(spec, requests[batch])
         summary = asyncio.run(generator.run())
-        stats.latencies += generator.stats.latencies
-        stats.errors.update(generator.stats.errors)
-        stats.images += generator.stats.images
+        stats = generator.stats
     after = server.cpu_s()
-    return summary, None if before is None or after is None else after - before
+    tally.add(stats, summary.duration_s, None if before is None or after is None else after - before,
+              time.process_time() - client_before)
+    return summary
 
 
 def run_device_bench(model_path: Path, device: str, images: Path | None, threads: int = 0, quick: bool = False,
@@ -204,8 +205,7 @@ def run_device_bench(model_path: Path, device: str, images: Path | None, threads
                                             report.ceiling[name].items()))
     tensors = {b: v2_tensors(digits, normalization, b) for _, b in SERVER_POINTS}
     requests = {b: prepare_requests(source, b, "raw", max_requests=64) for _, b in SERVER_POINTS}
-    # (device, engine, c, b) -> what the rounds measured together, their seconds and the server's CPU seconds
-    tallies: dict[tuple[str, str, int, int], tuple[LoadStats, list[float], list[float | None]]] = {}
+    tallies: dict[tuple[str, str, int, int], Tally] = {}  # (device, engine, c, b) -> the rounds together
     with contextlib.ExitStack() as stack:
         servers = {}
         for name in devices:
@@ -218,18 +218,13 @@ def run_device_bench(model_path: Path, device: str, images: Path | None, threads
             for concurrency, batch in SERVER_POINTS:
                 for engine in ENGINES:
                     for name in devices if round_ % 2 == 0 else devices[::-1]:
-                        stats, durations, cpus = tallies.setdefault((name, engine, concurrency, batch),
-                                                                    (LoadStats(), [], []))
-                        summary, cpu_s = _load(servers[name], engine, concurrency, batch, tensors, requests,
-                                               warmup_s, 0.3 if quick else 3.0, stats)
-                        durations.append(summary.duration_s)
-                        cpus.append(cpu_s)
+                        tally = tallies.setdefault((name, engine, concurrency, batch), Tally())
+                        summary = _load(servers[name], engine, concurrency, batch, tensors, requests, warmup_s,
+                                        0.3 if quick else 3.0, tally)
                         log(f"  --device {name:4s} {engine:17s} c{concurrency:<3d} x{batch:<3d} "
                             f"{summary.images_per_s:10,.0f} img/s  p99 {summary.latency_s['p99'] * 1e3:7.2f} ms  "
                             f"errors {summary.error_count}")
-    for (name, engine, concurrency, batch), (stats, durations, cpus) in tallies.items():
-        cpu_s = None if None in cpus else sum(c for c in cpus if c is not None)
-        report.points.append(_point(name, engine, concurrency, batch, stats.summary(sum(durations)), cpu_s))
+    report.points = [_point(*key, tally) for key, tally in tallies.items()]
     report.seconds = time.perf_counter() - started
     return report
 

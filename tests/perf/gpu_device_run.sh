@@ -13,10 +13,12 @@
 #                                (ignored by git through .git/info/exclude; about 225 MB, a few minutes)
 #   gpu_device_run.sh stash      THERE: stash the carried parts (and install .whl when carried)
 #   gpu_device_run.sh run        THERE: unpack onnxruntime-gpu if needed, then `digits bench --device cuda`
-# Results go to $OUT (cuda.md, cuda.json, log). Rehearsed here with Python 3.12 and a CPU-only onnxruntime
-# in a venv first on PATH: everything up to the CUDA libraries loads, and the report says they did not. The calls, each fired within the machine's 30 s warm
-# window of the one before: carry .ortgpu/part.aa, .ab, .ac with `stash`; then .ortgpu/part.ad and .whl
-# with `run` (timeout 420 s).
+# Results go to $OUT (cuda.md, cuda.json, log).
+#
+# The calls, each fired within the machine's 30 s warm window of the one before: carry .ortgpu/part.aa, .ab
+# and .ac with `stash`; then .ortgpu/part.ad and .whl with `run` (timeout 420 s). Rehearsed here with Python
+# 3.12 and a CPU-only onnxruntime in a venv first on PATH: everything up to the CUDA libraries loads, and the
+# report says they did not.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 if [ "${1:-run}" = payload ]; then

@@ -55,11 +55,7 @@ REFERENCE_FONTS = ("DejaVuSans.ttf", "DejaVuSans-Bold.ttf")
 
 def _pixels(ch: str, font: str) -> np.ndarray:
     """`ch` in `font` through the recipe, as a unit vector of its mean-removed 28x28 pixels."""
-    page = render_text(ch, font, 64)
-    vector = page_to_pixels(page, np.random.default_rng(0)).astype(np.float64).ravel()
-    vector -= vector.mean()
-    norm = np.linalg.norm(vector)
-    return vector / norm if norm > 0 else vector
+    return _unit_rows(page_to_pixels(render_text(ch, font, 64), np.random.default_rng(0))[None])[0]
 
 
 @functools.cache
@@ -69,23 +65,19 @@ def _font_paths() -> dict[str, str]:
     return {p.name: str(p) for p in _font_files() if p.name in REFERENCE_FONTS}
 
 
-def _similarity_to_digits(chars: str, digits: np.ndarray) -> np.ndarray:
-    """For each of `chars`, its highest cosine similarity to any of the real `digits` [N, 28, 28]."""
-    ref = digits.reshape(len(digits), -1).astype(np.float64)
-    ref -= ref.mean(axis=1, keepdims=True)
-    ref /= np.maximum(np.linalg.norm(ref, axis=1, keepdims=True), 1e-9)
-    best = np.full(len(chars), -1.0)
-    for font in _font_paths().values():
-        mine = np.stack([_pixels(c, font) for c in chars])
-        best = np.maximum(best, (mine @ ref.T).max(axis=1))
-    return best
+def _unit_rows(pixels: np.ndarray) -> np.ndarray:
+    """[N, 28, 28] pixels as unit vectors of their mean-removed values, one row each."""
+    rows = pixels.reshape(len(pixels), -1).astype(np.float64)
+    rows -= rows.mean(axis=1, keepdims=True)
+    return rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-9)
 
 
-def _similarity_to(chars: str, reference: str) -> np.ndarray:
-    """For each of `chars`, its highest cosine similarity to any of `reference`, font by font."""
+def _similarity_to(chars: str, reference: str | np.ndarray) -> np.ndarray:
+    """For each of `chars`, its highest cosine similarity to any of `reference`, font by font: characters
+    (drawn in the same font) or real digits [N, 28, 28] (the same in every font)."""
     best = np.full(len(chars), -1.0)
     for font in _font_paths().values():
-        ref = np.stack([_pixels(c, font) for c in reference])
+        ref = np.stack([_pixels(c, font) for c in reference]) if isinstance(reference, str) else _unit_rows(reference)
         mine = np.stack([_pixels(c, font) for c in chars])
         best = np.maximum(best, (mine @ ref.T).max(axis=1))
     return best
@@ -132,10 +124,10 @@ def choose(digits: np.ndarray) -> tuple[str, dict[str, str]]:
             kept.append(ch)
     pool = "".join(kept)
     near_eval = _similarity_to(pool, EVAL_SYMBOLS)
-    printed, real = _similarity_to(pool, "0123456789"), _similarity_to_digits(pool, digits)
+    printed, real = _similarity_to(pool, "0123456789"), _similarity_to(pool, digits)
     curated = "".join(dict.fromkeys(LETTERS + GREEK + TRAIN_SYMBOLS))
     printed_limit = float(np.quantile(_similarity_to(curated, "0123456789"), LOOKALIKE_QUANTILE))
-    real_limit = float(np.quantile(_similarity_to_digits(curated, digits), LOOKALIKE_QUANTILE))
+    real_limit = float(np.quantile(_similarity_to(curated, digits), LOOKALIKE_QUANTILE))
     chosen = []
     for ch, eval_sim, printed_sim, real_sim in zip(pool, near_eval, printed, real, strict=True):
         if eval_sim > EVAL_SIMILAR:
@@ -149,16 +141,17 @@ def choose(digits: np.ndarray) -> tuple[str, dict[str, str]]:
     return "".join(chosen), left_out
 
 
+def _group(ch: str) -> str:
+    """What `split` keeps together: a Latin letter's base letter (Ā ā Ă -> A), else the character itself."""
+    return _base_letter(unicodedata.name(ch, "")).upper() or ch
+
+
 def split(chosen: str) -> tuple[str, str]:
     """(training part, held-out part) of `chosen`, groups kept whole (see the module docstring)."""
-    groups: dict[str, list[str]] = {}
-    for ch in chosen:
-        groups.setdefault(_base_letter(unicodedata.name(ch, "")).upper() or ch, []).append(ch)
-    keys = sorted(groups)
-    held = set(np.random.default_rng(SPLIT_SEED).permutation(len(keys))[:round(HELD_OUT_SHARE * len(keys))])
-    held_keys = {keys[i] for i in held}
-    return ("".join(ch for ch in chosen if (_base_letter(unicodedata.name(ch, "")).upper() or ch) not in held_keys),
-            "".join(ch for ch in chosen if (_base_letter(unicodedata.name(ch, "")).upper() or ch) in held_keys))
+    keys = sorted({_group(ch) for ch in chosen})
+    order = np.random.default_rng(SPLIT_SEED).permutation(len(keys))
+    held = {keys[i] for i in order[:round(HELD_OUT_SHARE * len(keys))]}
+    return "".join(ch for ch in chosen if _group(ch) not in held), "".join(ch for ch in chosen if _group(ch) in held)
 
 
 def main() -> None:
