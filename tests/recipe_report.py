@@ -8,7 +8,8 @@
         [--fashion /usr/share/datasets/fashion-mnist]
 
 Sets, decided as the server decides (the rule and the strokes test), shares rejected:
-- `held_symbols` (the selection kind), `other_symbols` and `other_letters`: 1,500 each of the measuring seed;
+- the selection kinds (`held_symbols`; `held_font_letters` and `held_font_symbols`, in Liberation),
+  `other_symbols` and `other_letters`: 1,500 each of the measuring seed;
 - the training kinds other than symbols, 300 each, drawn with seed 14, which neither training (11),
   threshold choice (12) nor measuring (13) uses: for choosing between recipes;
 - with --fashion, Fashion-MNIST t10k raw and as client files (measured only, never chosen with).
@@ -40,7 +41,7 @@ TRAINING_KINDS = ("letters", "strokes", "shapes", "scribbles", "blobs", "texture
 def image_sets(fashion: Path | None) -> dict[str, np.ndarray]:
     """Every set the report measures, as uint8 [N, 28, 28] model input."""
     sets = {kind: negatives.generate({kind: 1500}, negatives.NEGATIVES_EVAL_SEED).images
-            for kind in ("held_symbols", "other_symbols", "other_letters")}
+            for kind in (*negatives.SELECTION_KINDS, "other_symbols", "other_letters")}
     sets.update({f"{kind} (seed {SELECTION_SEED})": negatives.generate({kind: 300}, SELECTION_SEED).images
                  for kind in TRAINING_KINDS})
     if fashion is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -59,11 +60,15 @@ def test_training_and_measuring_glyphs_are_disjoint() -> None:
     assert not set(glyphs.TRAIN_SYMBOLS) & set(glyphs.EVAL_SYMBOLS)
     look_alikes = set("OoDQIlij|/!ZzSs$§GbTB&gq°")
     assert not look_alikes & set(glyphs.LETTERS + glyphs.GREEK + glyphs.TRAIN_SYMBOLS + glyphs.EVAL_SYMBOLS)
-    train, measure = glyphs.training_fonts(), glyphs.eval_fonts()
-    assert train.fonts and measure.fonts
-    if glyphs.BUILTIN not in train.fonts:  # DejaVu is installed: the two halves use different fonts
+    train, select, measure = glyphs.training_fonts(), glyphs.selection_fonts(), glyphs.eval_fonts()
+    assert train.fonts and select.fonts and measure.fonts
+    if glyphs.BUILTIN not in train.fonts:  # the fonts are installed: the three sets use different fonts
         assert not set(train.fonts) & set(measure.fonts)
+        assert not set(select.fonts) & (set(train.fonts) | set(measure.fonts))
     assert all(coverage for coverage in train.coverage.values())
+    # The selection kind of held-out symbols draws the DejaVu training faces only, whatever else trains.
+    assert all(Path(font).name.startswith("DejaVu") for font in glyphs.held_symbol_fonts().fonts
+               if font != glyphs.BUILTIN)
 
 
 def test_client_style_digits_go_through_the_server_recipe(digits: np.ndarray) -> None:
@@ -129,10 +134,20 @@ def test_training_kinds_never_draw_what_is_held_out_or_measured() -> None:
         for i in range(60):
             make_one("held_symbols", 11, i)
         held = set("".join(texts))
+        texts.clear()
+        for i in range(60):
+            make_one("held_font_letters", 11, i)
+        font_letters = set("".join(texts))
+        texts.clear()
+        for i in range(60):
+            make_one("held_font_symbols", 11, i)
+        font_symbols = set("".join(texts))
     finally:
         negatives_module.render_text = render
     assert trained <= set(glyphs.TRAIN_SYMBOLS + glyphs.BROAD_SYMBOLS) and trained & set(glyphs.BROAD_SYMBOLS)
     assert held <= set(glyphs.BROAD_HELD_OUT) and len(held) > 20
+    assert font_letters <= set(glyphs.LETTERS) and len(font_letters) > 20
+    assert font_symbols <= set(glyphs.BROAD_HELD_OUT) and len(font_symbols) > 10
 
 
 def test_symbols_report_names_the_measuring_symbols_exactly() -> None:

@@ -9,7 +9,8 @@ Three families, never mixed:
 - EVAL_KINDS are only measured: other fonts and other symbols (`glyphs`), words, doodles, photo-like
   noise and longer strings of digits, none of which training ever draws;
 - SELECTION_KINDS choose between training recipes: symbols held out of training (glyphs.BROAD_HELD_OUT)
-  in the training fonts, so that the measuring kinds stay untouched by the choice.
+  in the training fonts, and letters and those symbols in fonts held out of training (Liberation), so
+  that the measuring kinds stay untouched by the choice.
 
 Nothing here may look like a single digit (see `glyphs` for the letters left out): strokes come in
 twos to fours, shapes avoid rings, and whatever comes out as a lone bar (`stick_like`) is drawn again.
@@ -29,7 +30,16 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 from training.synth.clientstyle import digit_page, page_to_pixels
-from training.synth.glyphs import GREEK, LETTERS, FontSet, eval_fonts, render_text, training_fonts
+from training.synth.glyphs import (
+    GREEK,
+    LETTERS,
+    FontSet,
+    eval_fonts,
+    held_symbol_fonts,
+    render_text,
+    selection_fonts,
+    training_fonts,
+)
 
 Page = Image.Image
 NEGATIVES_TRAIN_SEED = 11
@@ -252,7 +262,19 @@ def held_symbols(rng: np.random.Generator, _digits: np.ndarray | None) -> Page:
     """A printed symbol in a training font that no model trains on (glyphs.BROAD_HELD_OUT)."""
     from training.synth.glyphs import BROAD_HELD_OUT
 
-    return _glyph(rng, training_fonts(), BROAD_HELD_OUT)
+    return _glyph(rng, held_symbol_fonts(), BROAD_HELD_OUT)
+
+
+def held_font_letters(rng: np.random.Generator, _digits: np.ndarray | None) -> Page:
+    """A printed letter in a font held out of training and measuring (glyphs.selection_fonts)."""
+    return _glyph(rng, selection_fonts(), LETTERS)
+
+
+def held_font_symbols(rng: np.random.Generator, _digits: np.ndarray | None) -> Page:
+    """A symbol never trained on (glyphs.BROAD_HELD_OUT) in a font held out of training and measuring."""
+    from training.synth.glyphs import BROAD_HELD_OUT
+
+    return _glyph(rng, selection_fonts(), BROAD_HELD_OUT)
 
 
 def words(rng: np.random.Generator, _digits: np.ndarray | None) -> Page:
@@ -346,7 +368,8 @@ EVAL_KINDS: dict[str, Maker] = {
     "photos": photos,
     "digit_strings": digit_strings,
 }
-SELECTION_KINDS: dict[str, Maker] = {"held_symbols": held_symbols}
+SELECTION_KINDS: dict[str, Maker] = {"held_symbols": held_symbols, "held_font_letters": held_font_letters,
+                                     "held_font_symbols": held_font_symbols}
 """Kinds for choosing between training recipes: never trained on, and not the measuring kinds."""
 # Share of each training kind in a generated set (letters and symbols most: what clients will send).
 TRAIN_MIX = {"strokes": 0.1, "shapes": 0.1, "scribbles": 0.08, "blobs": 0.05, "letters": 0.22, "symbols": 0.28,
