@@ -154,16 +154,15 @@ IMAGE_TAG ?=
 image:
 	deploy/image/build.sh build --target $(IMAGE_TARGET)$(if $(IMAGE_TAG), --tag $(IMAGE_TAG))
 
-# The negatives that teach the model to reject letters and symbols are printed with DejaVu and FreeFont
-# (Liberation is held out to choose recipes with)
-# (training.synth.glyphs): installed where we can (root and apt-get), as for the browser test. Without
-# them training falls back to Pillow's own font and the model is not the shipped one, bit for bit.
-FONT_PACKAGES := fonts-dejavu-core fonts-dejavu-extra fonts-freefont-ttf fonts-liberation
+# The negatives that teach the model to reject letters and symbols are printed with the DejaVu fonts, and
+# recipes are chosen with letters in Liberation (training.synth.glyphs): installed where we can (root and
+# apt-get), as for the browser test. Without them training falls back to Pillow's own font and the model
+# is not the shipped one, bit for bit.
+FONT_PACKAGES := fonts-dejavu-core fonts-dejavu-extra fonts-liberation
 FONT_INSTALL := DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $(FONT_PACKAGES)
 font-deps:
 	@if [ -f /usr/share/fonts/truetype/dejavu/DejaVuSansCondensed.ttf ] && \
 	    [ -f /usr/share/fonts/truetype/dejavu/DejaVuMathTeXGyre.ttf ] && \
-	    [ -f /usr/share/fonts/truetype/freefont/FreeSans.ttf ] && \
 	    [ -f /usr/share/fonts/truetype/liberation/LiberationSans-Regular.ttf ]; then :; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	  echo "installing $(FONT_PACKAGES) for the generated negatives"; \

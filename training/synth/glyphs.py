@@ -1,9 +1,9 @@
 """Printed letters and symbols that look like no digit, and the fonts to print them with.
 
 Three disjoint sets of fonts, so that rejection is measured on what the model was not trained on:
-- training: DejaVu Sans and DejaVu Serif (every weight, slant and width) and GNU FreeFont (Sans, Serif
-  and Mono), letters, TRAIN_SYMBOLS and BROAD_SYMBOLS (BROAD_HELD_OUT, in the DejaVu training faces, is
-  never trained on: recipes are chosen with it);
+- training: DejaVu Sans and DejaVu Serif (every weight, slant and width), letters, TRAIN_SYMBOLS and
+  BROAD_SYMBOLS (BROAD_HELD_OUT, in the DejaVu training faces, is never trained on: recipes are chosen
+  with it). GNU FreeFont as more training fonts was measured and left out (docs/training.md);
 - selection: Liberation (Sans, Sans Narrow, Serif, Mono), never trained on nor measured with: letters
   and BROAD_HELD_OUT in it tell recipes apart on a font no model has seen;
 - measuring: DejaVu Sans Mono, DejaVu Math TeX Gyre and Pillow's built-in font (Aileron), the same
@@ -65,9 +65,9 @@ trains on, to choose between recipes with (negatives.SELECTION_KINDS), never the
 LETTERS = UPPER + LOWER
 
 FONT_DIRS = (Path("/usr/share/fonts"), Path("/usr/local/share/fonts"))
-# File-name prefixes of the font sets (Debian: fonts-dejavu-core/-extra, fonts-freefont-ttf, fonts-liberation).
+# File-name prefixes of the font sets (Debian: fonts-dejavu-core and -extra, fonts-liberation).
 DEJAVU_TRAIN_PREFIXES = ("DejaVuSans-", "DejaVuSans.", "DejaVuSansCondensed", "DejaVuSerif")
-TRAIN_FONT_PREFIXES = (*DEJAVU_TRAIN_PREFIXES, "Free")
+TRAIN_FONT_PREFIXES = DEJAVU_TRAIN_PREFIXES
 SELECTION_FONT_PREFIXES = ("Liberation",)
 EVAL_FONT_PREFIXES = ("DejaVuSansMono", "DejaVuMathTeXGyre")
 BUILTIN = "pillow-builtin"
@@ -140,8 +140,8 @@ def training_fonts() -> FontSet:
 @functools.cache
 def held_symbol_fonts() -> FontSet:
     """The DejaVu training faces, for BROAD_HELD_OUT: the selection kind of symbols never trained on."""
-    # Only the DejaVu faces, with their coverage of all the training characters, exactly as before
-    # FreeFont joined training: recipes of either font set are compared on the same images.
+    # Only the DejaVu faces, with their coverage of all the training characters, whatever other fonts a
+    # recipe trains on (FreeFont was tried): recipes of either font set are compared on the same images.
     trained = training_fonts()
     kept = tuple(font for font in trained.fonts if Path(font).name.startswith(DEJAVU_TRAIN_PREFIXES)) or trained.fonts
     return FontSet(fonts=kept, coverage={font: trained.coverage[font] for font in kept})
