@@ -101,6 +101,14 @@ FROM ${PYTHON_IMAGE} AS train
 ARG TORCH_VERSION
 ARG TORCH_INDEX_URL
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore
+# The generated negatives print letters and symbols in these fonts (training.synth.glyphs; `make font-deps`
+# in a checkout). Without them training falls back to Pillow's own font, one of the fonts rejection is
+# measured on. Debian's font packages follow the archive, like python3 in the GPU stages.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install --yes --no-install-recommends fonts-dejavu-core fonts-dejavu-extra \
+    && apt-get clean \
+    && rm -rf /var/lib/apt/lists/* /var/cache/apt/*.bin
 RUN python -m venv /opt/venv
 WORKDIR /src
 COPY pyproject.toml README.md constraints.txt ./

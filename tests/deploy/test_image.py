@@ -373,5 +373,9 @@ def test_the_training_image_trains_on_the_fixture_and_writes_a_model(
     _, probabilities = model.run(normalize(IMAGES, model.metadata.normalization))
     accuracy = float(np.mean(probabilities.argmax(axis=1) == LABELS))
     assert accuracy > 0.7, f"{accuracy:.0%} on the fixture's 300 held-out digits ({' '.join(TRAIN_ARGS)})"
+    # Its negatives were printed in the training fonts, as `make train` prints them, not in Pillow's own
+    # font, which rejection is measured on.
+    fonts = json.loads((models / "lenet5.json").read_text())["rejection"]["negatives"]["fonts"]
+    assert "DejaVuSans, " in fonts and "DejaVuSerif" in fonts and "pillow-builtin" not in fonts, fonts
     measured(f"image {TRAIN_TAG}: {size:.0f} MB; {' '.join(TRAIN_ARGS)} on the fixture's 400 training digits + "
              f"export in {seconds:.0f} s (container start included), {accuracy:.1%} on its 300 held-out digits")
