@@ -118,34 +118,28 @@ def test_broad_symbols_keep_away_from_digits_and_from_what_is_measured() -> None
 
 
 def test_training_kinds_never_draw_what_is_held_out_or_measured() -> None:
-    texts: list[str] = []
     render = negatives_module.render_text
 
-    def recording(text: str, *args: Any, **kwargs: Any) -> Any:
-        texts.append(text)
-        return render(text, *args, **kwargs)
+    def drawn(kind: str, count: int) -> set[str]:
+        """The characters that `count` images of `kind` print."""
+        texts: list[str] = []
 
-    negatives_module.render_text = recording
-    try:
-        for i in range(150):
-            make_one("symbols", 11, i)
-        trained = set("".join(texts))
-        texts.clear()
-        for i in range(60):
-            make_one("held_symbols", 11, i)
-        held = set("".join(texts))
-        texts.clear()
-        for i in range(60):
-            make_one("held_font_letters", 11, i)
-        font_letters = set("".join(texts))
-        texts.clear()
-        for i in range(60):
-            make_one("held_font_symbols", 11, i)
-        font_symbols = set("".join(texts))
-    finally:
-        negatives_module.render_text = render
+        def recording(text: str, *args: Any, **kwargs: Any) -> Any:
+            texts.append(text)
+            return render(text, *args, **kwargs)
+
+        negatives_module.render_text = recording
+        try:
+            for i in range(count):
+                make_one(kind, 11, i)
+        finally:
+            negatives_module.render_text = render
+        return set("".join(texts))
+
+    trained, held = drawn("symbols", 150), drawn("held_symbols", 60)
     assert trained <= set(glyphs.TRAIN_SYMBOLS + glyphs.BROAD_SYMBOLS) and trained & set(glyphs.BROAD_SYMBOLS)
     assert held <= set(glyphs.BROAD_HELD_OUT) and len(held) > 20
+    font_letters, font_symbols = drawn("held_font_letters", 60), drawn("held_font_symbols", 60)
     assert font_letters <= set(glyphs.LETTERS) and len(font_letters) > 20
     assert font_symbols <= set(glyphs.BROAD_HELD_OUT) and len(font_symbols) > 10
 
