@@ -6,6 +6,9 @@
     # with its run's rule (report.json), per fold and their mean:
     python tests/recipe_report.py --folds runs/exp/H22:runs/folds-H22 --folds runs/lenet5:runs/folds-230 \
         [--fashion /usr/share/datasets/fashion-mnist]
+    # the operating point: the run's rule with its not_a_digit cut moved to reject more of the out-of-fold
+    # digits, against the selection kinds (nothing is chosen with it: the rule's budgets stay):
+    python tests/recipe_report.py --sweep runs/lenet5:runs/folds-230
 
 Sets, decided as the server decides (the rule and the strokes test), shares rejected:
 - the selection kinds (`held_symbols`; `held_font_letters` and `held_font_symbols`, in Liberation),
@@ -18,6 +21,7 @@ Sets, decided as the server decides (the rule and the strokes test), shares reje
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -28,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 
 from service.recognition import rejection, strokes
 from service.recognition.model import load_model
-from service.recognition.model_metadata import Rejection
+from service.recognition.model_metadata import Rejection, Threshold
 from service.recognition.preprocess import normalize
 from training.data import load_split
 from training.synth import negatives
@@ -63,13 +67,54 @@ def rejected(model_path: Path, rule: Rejection | None, sets: dict[str, np.ndarra
     return shares
 
 
+SWEEP_DIGITS_REJECTED = (0.004, 0.006, 0.008, 0.01, 0.015, 0.02, 0.03)
+"""Shares of the out-of-fold digits (both views) that the swept not_a_digit cut alone rejects."""
+
+
+def sweep(run: Path, folds: Path) -> None:
+    """Print, for not_a_digit cuts at SWEEP_DIGITS_REJECTED, what the whole rule rejects of the run's
+    out-of-fold digits (MNIST arrays / as clients send them) and of the selection kinds (fold models)."""
+    report = json.loads((run / "report.json").read_text())
+    rule = Rejection.from_json(json.dumps(report["rejection"]))
+    oof = np.load(run / "out-of-fold.npz")
+    views = {"arrays": (oof["logits"], oof["digits_shapes"]), "client": (oof["client_logits"], oof["client_shapes"])}
+    calibrated = {name: (logits, _softmax(logits / report["calibration"]["temperature"]), shapes)
+                  for name, (logits, shapes) in views.items()}
+    pooled = np.concatenate([rejection.scores(rule.not_a_digit.score, logits, probabilities)
+                             for logits, probabilities, _ in calibrated.values()])
+    selection = {kind: negatives.generate({kind: 1500}, negatives.NEGATIVES_EVAL_SEED).images
+                 for kind in negatives.SELECTION_KINDS}
+    models = sorted(folds.glob("fold-*.onnx"))
+    print(f"{run}: not_a_digit ({rule.not_a_digit.score}) moved; the rest of its rule kept; {len(models)} fold models")
+    for share in SWEEP_DIGITS_REJECTED:
+        cut = Threshold(rule.not_a_digit.score, float(np.quantile(pooled, share)))
+        moved = dataclasses.replace(rule, not_a_digit=cut)
+        digits = {name: np.mean([bool(r) for r in rejection.decide(moved, logits, probabilities, shapes=shapes)])
+                  for name, (logits, probabilities, shapes) in calibrated.items()}
+        per_fold = [rejected(path, moved, selection) for path in models]
+        kinds = "  ".join(f"{kind} {100 * np.mean([shares[kind] for shares in per_fold]):.1f}%" for kind in selection)
+        print(f"  cut below {moved.not_a_digit.below:.4f}: digits rejected {100 * digits['arrays']:.2f}% / "
+              f"{100 * digits['client']:.2f}%  {kinds}")
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return shifted / shifted.sum(axis=1, keepdims=True)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, action="append", default=[], help="a model with its own rule")
     parser.add_argument("--folds", action="append", default=[], metavar="RUN:FOLDS",
                         help="a `digits train --cv` run directory and its fold models' directory")
     parser.add_argument("--fashion", type=Path, default=None, help="Fashion-MNIST folder (t10k-* files)")
+    parser.add_argument("--sweep", action="append", default=[], metavar="RUN:FOLDS",
+                        help="move the run's not_a_digit cut and measure the selection kinds with its fold models")
     args = parser.parse_args()
+    for pair in args.sweep:
+        sweep(*(Path(p) for p in pair.split(":", 1)))
+    if not (args.model or args.folds):
+        return 0
     sets = image_sets(args.fashion)
     for model in args.model:
         shares = rejected(model, None, sets)
