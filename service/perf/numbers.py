@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
 import io
 import json
 import math
@@ -42,7 +41,8 @@ from service.recognition.decode import decode
 from service.recognition.model import load_model
 from service.recognition.preprocess import mnist_recipe, normalize
 from service.recognition.reading import segment
-from service.recognition.reading.reader import Classify, Reader, Reading, Scoring, choose
+from service.recognition.reading.reader import Classify, Reader, Reading
+from service.recognition.reading.scoring import Scoring
 
 KINDS = ("spaced", "tight", "touching")
 INK_LEVEL = 0.2 * 255  # the Reader's ink threshold (preprocess.INK_THRESHOLD of the peak)
@@ -314,93 +314,23 @@ def report(results: Sequence[KindResult]) -> str:
     return "\n".join(lines)
 
 
-TUNE_WEIGHTS = {"spaced": 0.4, "tight": 0.4, "touching": 0.2}  # spaced and tight are the common case
-
-
-Source = tuple[np.ndarray, np.ndarray, Classify]
-"""Digits, their labels and a classifier that never trained on them."""
-
-
-async def tune(sources: Sequence[Source], per_kind: int, seed: int = 0,
-               lengths: tuple[int, int] = (2, 7), rounds: int = 3) -> tuple[Scoring, dict[str, float]]:
-    """Choose `Scoring` weights for a model: a coordinate search (each weight times 0, 0.5, ... 2 in
-    turn, kept when it improves) maximising TUNE_WEIGHTS-weighted exact match on numbers composed
-    from each source's digits (`per_kind` of each kind per source) and read with its classifier:
-    validation digits, never the ones the figures are measured on. With the fold models of a
-    cross-validation and each one's held-out digits, every number is read by a model that never saw
-    its digits, as the test digits are. Every number is segmented and classified once; only the
-    choice is redone per trial."""
-    cases = []
-    for source, (images, labels, classify) in enumerate(sources):
-        for kind_index, kind in enumerate(KINDS):
-            # One source draws the numbers it always drew; several each draw their own.
-            rng = np.random.default_rng([seed, kind_index] if len(sources) == 1 else [seed, source, kind_index])
-            for _ in range(per_kind):
-                number = compose(images, labels, kind, rng, lengths=lengths)
-                found = segment.segment(decode(number.png, 25_000_000))
-                if found.candidates:
-                    logits, probabilities = await classify(np.stack([mnist_recipe(c.crop) for c in found.candidates]))
-                    cases.append((kind, number.text, found, logits, probabilities))
-    composed = per_kind * len(sources)
-
-    def rates(scoring: Scoring) -> dict[str, float]:
-        right = dict.fromkeys(KINDS, 0)
-        for kind, text, found, logits, probabilities in cases:
-            chosen = choose(found, logits, probabilities, scoring)
-            right[kind] += "".join(str(int(probabilities[i].argmax())) for i in chosen) == text
-        return {kind: right[kind] / composed for kind in KINDS}
-
-    def value(scoring: Scoring) -> float:
-        return sum(TUNE_WEIGHTS[kind] * rate for kind, rate in rates(scoring).items())
-
-    best = Scoring()
-    best_value = value(best)
-    for _ in range(rounds):
-        improved = False
-        for field in dataclasses.fields(Scoring):
-            current = getattr(best, field.name)
-            for factor in (0.0, 0.5, 0.75, 1.25, 1.5, 2.0):
-                trial = dataclasses.replace(best, **{field.name: current * factor if current else factor})
-                trial_value = value(trial)
-                if trial_value > best_value + 1e-9:
-                    best, best_value, improved = trial, trial_value, True
-        if not improved:
-            break
-    return best, rates(best)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m service.perf.numbers``: measure the Reader on composed numbers."""
     parser = argparse.ArgumentParser(prog="python -m service.perf.numbers", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data-dir", type=Path, required=True, action="append",
-                        help="IDX folder of digits the model never trained on (t10k-* preferred); with "
-                        "--tune, repeat it with --model: each folder is read by the model given in its place")
-    parser.add_argument("--model", type=Path, action="append",
-                        help="ONNX model (default models/lenet5.onnx)")
+    parser.add_argument("--data-dir", type=Path, required=True,
+                        help="IDX folder of digits the model never trained on (t10k-* preferred)")
+    parser.add_argument("--model", type=Path, default=Path("models/lenet5.onnx"), help="ONNX model")
     parser.add_argument("--per-kind", type=int, default=400, help="numbers composed of each kind")
     parser.add_argument("--min-length", type=int, default=2)
     parser.add_argument("--max-length", type=int, default=7)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true", help="one JSON object instead of a table")
-    parser.add_argument("--tune", action="store_true",
-                        help="choose Scoring weights on these digits instead (give it validation digits)")
     args = parser.parse_args(argv)
-    models = args.model or [Path("models/lenet5.onnx")]
-    if len(models) != len(args.data_dir) or (len(models) > 1 and not args.tune):
-        parser.error("give one --model per --data-dir (several pairs only with --tune)")
-    sources: list[Source] = []
-    for folder, model in zip(args.data_dir, models, strict=True):
-        images, labels = idx.load_digits(folder)
-        if labels is None:
-            parser.error(f"{folder} has no labels")
-        sources.append((images, labels, onnx_classifier(model)))
-    if args.tune:
-        scoring, rates = asyncio.run(tune(sources, args.per_kind, args.seed, (args.min_length, args.max_length)))
-        print(scoring)
-        print({kind: round(rate, 4) for kind, rate in rates.items()})
-        return 0
+    images, labels = idx.load_digits(args.data_dir)
+    if labels is None:
+        parser.error(f"{args.data_dir} has no labels")
+    classify = onnx_classifier(args.model)
     started = time.perf_counter()
-    images, labels, classify = sources[0]
     results = asyncio.run(measure(images, labels, classify, args.per_kind, args.seed,
                                   (args.min_length, args.max_length)))
     seconds = time.perf_counter() - started
@@ -408,7 +338,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(json.dumps({"results": [asdict(r) for r in results], "seconds": round(seconds, 1)}))
     else:
         print(report(results))
-        print(f"\n{len(images)} digits from {args.data_dir[0]}, lengths {args.min_length}-{args.max_length}, "
+        print(f"\n{len(images)} digits from {args.data_dir}, lengths {args.min_length}-{args.max_length}, "
               f"seed {args.seed}, {seconds:.1f} s")
     return 0
 

@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service.perf.numbers import KINDS, Number, compose, measure, onnx_classifier, tune
+from service.perf.numbers import KINDS, Number, compose, measure, onnx_classifier
 from service.recognition import rejection
 from service.recognition.decode import ImageTooLarge, RawImage, decode
 from service.recognition.model_metadata import Rejection, Threshold
 from service.recognition.reading import segment
-from service.recognition.reading.reader import Classify, Reader, Reading, Scoring
+from service.recognition.reading.reader import Classify, Reader, Reading
 from tests.harness import SHIPPED_MODEL, fixture_digits
 
 # Exact-match floors on 50 numbers (2-7 digits) of each kind from the fixture's t10k digits, a few
@@ -173,13 +173,3 @@ def test_a_20000_by_60_strip_reads(digits: tuple[np.ndarray, np.ndarray], classi
     assert time.perf_counter() - started < 5
     assert reading.text == "2026"
     assert [d.box.x // 100 for d in reading.digits] == [3, 70, 120, 195]
-
-
-def test_tuning_returns_weights_at_least_as_good_as_the_defaults(digits: tuple[np.ndarray, np.ndarray],
-                                                                 classify: Classify) -> None:
-    images, labels = digits
-    scoring, rates = asyncio.run(tune([(images, labels, classify)], per_kind=3, seed=3, rounds=1))
-    before = asyncio.run(measure(images, labels, classify, per_kind=3, seed=3, explain=False))
-    weighted = sum({"spaced": 0.4, "tight": 0.4, "touching": 0.2}[r.kind] * r.exact_rate for r in before)
-    assert isinstance(scoring, Scoring)
-    assert sum({"spaced": 0.4, "tight": 0.4, "touching": 0.2}[k] * v for k, v in rates.items()) >= weighted

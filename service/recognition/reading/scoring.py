@@ -1,0 +1,164 @@
+"""How the Reader scores one way of reading a line: a linear score over what each step of the path says.
+
+A path through the segmentation graph is a sequence of steps, each a candidate digit or a component
+dropped as noise. Every step gets a row of FEATURES (`steps`), and a path's score is the sum of its
+steps' rows times the weights of `Scoring`. The features are the model's own outputs for the crop
+(log-probability of its digit, its top two logits), the crop's shape against the line and against its
+digit (too short, too narrow, wider than that digit usually is), the cuts it starts and ends at (the
+ink they cross, and whether the cut component is too narrow to hold two digits), and for a dropped
+component its height. One weight vector, so that the weights can be fitted to whole readings
+(`service.perf.fit_scoring`) rather than one at a time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from service.recognition.reading.segment import Segmentation
+
+FLOOR = 1e-6  # least probability a crop is given: a log of 0 would make every choice equal
+
+# MNIST digits' median width over height per class (measured on the shipped model's training digits):
+# a crop much wider than its digit usually is holds two digits.
+ASPECT = (0.9, 0.45, 0.95, 0.8, 0.8, 1.0, 0.7, 0.8, 0.8, 0.7)
+SHORT_BELOW = 0.8  # of the line height: a digit shorter than this is short
+NARROW_BELOW = 0.3  # of the line height: a digit other than 1 narrower than this is narrow
+WIDE_MARGIN = 0.06  # of the line height, over ASPECT[digit]: slant and a writer's wide hand
+SPLIT_WIDTH = 1.4  # of the line height: one digit is seldom wider, two touching digits seldom narrower
+
+
+@dataclass(frozen=True)
+class Scoring:
+    """The weights of a path's features (`FEATURES`, in this order), in units of log-probability.
+
+    The shape and cut features are positive where they say "unlikely", so their weights are negative.
+    `python -m service.perf.fit_scoring` fits them (an averaged structured perceptron) on numbers
+    composed from digits the model never trained on; the defaults are the weights a coordinate search
+    chose for model 2.0.0 on its training digits, never on the test digits (docs/reading.md).
+    `top_logit` and `second_logit` depend on the model's logit scale: fit them again when it moves.
+    """
+
+    log_p: float = 1.0  # log p(digit | crop)
+    # Softmax confidence says which digit a crop is most like, not whether it is one: two touching
+    # digits or half a digit often get a confident softmax from smaller logits than a clean digit does.
+    top_logit: float = 1.0
+    second_logit: float = 0.0
+    short: float = -32.0  # per line height the crop is shorter than SHORT_BELOW
+    wide: float = -6.7  # per line height it is wider than ASPECT[digit] + WIDE_MARGIN
+    wide_squared: float = 0.0  # the same, squared
+    narrow: float = -11.0  # per line height a digit other than 1 is narrower than NARROW_BELOW
+    width: float = 0.0  # of the line height
+    height: float = 0.0
+    cut_strokes: float = -1.6875  # per stroke width the cut it starts at crosses
+    cut: float = -1.3  # when it starts at a cut
+    cut_narrow: float = -7.5  # per line height the component it starts in is narrower than SPLIT_WIDTH
+    end_cut_strokes: float = 0.0  # per stroke width the cut it ends at crosses
+    end_cut: float = 0.0  # when it ends at a cut
+    drop: float = -1.0  # per component dropped as noise
+    drop_height: float = -10.0  # per line height of the dropped component
+    digit_bias: tuple[float, ...] = (0.0,) * 10  # per digit read
+    digit_width: tuple[float, ...] = (0.0,) * 10  # per digit read, times its width
+
+    def vector(self) -> np.ndarray:
+        """The weights in the order of FEATURES."""
+        values: list[float] = []
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            values.extend(value if isinstance(value, tuple) else (value,))
+        return np.array(values, dtype=np.float64)
+
+    @classmethod
+    def from_vector(cls, vector: np.ndarray) -> Scoring:
+        """The Scoring whose `vector()` is `vector`, rounded to 4 decimals."""
+        values = [round(float(v), 4) for v in vector]
+        weights: dict[str, float | tuple[float, ...]] = {}
+        for field in dataclasses.fields(cls):
+            if field.name in ("digit_bias", "digit_width"):
+                weights[field.name], values = tuple(values[:10]), values[10:]
+            else:
+                weights[field.name], values = values[0], values[1:]
+        return cls(**weights)  # type: ignore[arg-type]
+
+
+FEATURES: tuple[str, ...] = tuple(
+    name for field in dataclasses.fields(Scoring)
+    for name in ([f"{field.name}_{d}" for d in range(10)] if field.name.startswith("digit_") else [field.name]))
+_COLUMN = {name: i for i, name in enumerate(FEATURES)}
+_BIAS, _WIDTH = _COLUMN["digit_bias_0"], _COLUMN["digit_width_0"]
+
+
+@dataclass(frozen=True)
+class Steps:
+    """Every step a path may take: from node `starts[i]` to node `ends[i]`, with features `rows[i]`;
+    `candidates[i]` is the candidate's index, or -1 for a component dropped as noise."""
+
+    starts: np.ndarray
+    ends: np.ndarray
+    candidates: np.ndarray
+    rows: np.ndarray  # [steps, len(FEATURES)]
+
+
+def steps(found: Segmentation, logits: np.ndarray, probabilities: np.ndarray) -> Steps:
+    """The steps of a segmentation graph, its candidates read by the model as `logits` / `probabilities`."""
+    count = len(found.candidates)
+    rows = np.zeros((count + len(found.drops), len(FEATURES)))
+    digits = probabilities.argmax(axis=1)
+    top_two = np.sort(logits, axis=1)[:, ::-1][:, :2] if count else np.zeros((0, 2))
+    for i, (candidate, digit) in enumerate(zip(found.candidates, digits, strict=True)):
+        row = rows[i]
+        over = max(0.0, candidate.width - ASPECT[digit] - WIDE_MARGIN)
+        row[_COLUMN["log_p"]] = math.log(max(FLOOR, float(probabilities[i, digit])))
+        row[_COLUMN["top_logit"]], row[_COLUMN["second_logit"]] = top_two[i]
+        row[_COLUMN["short"]] = max(0.0, SHORT_BELOW - candidate.height)
+        row[_COLUMN["wide"]], row[_COLUMN["wide_squared"]] = over, over * over
+        row[_COLUMN["narrow"]] = max(0.0, NARROW_BELOW - candidate.width) if digit != 1 else 0.0
+        row[_COLUMN["width"]], row[_COLUMN["height"]] = candidate.width, candidate.height
+        for node, prefix in ((candidate.start, ""), (candidate.end, "end_")):
+            component = found.cut_widths[node]
+            if component and node < found.nodes - 1:  # a cut (the line's end is no cut)
+                row[_COLUMN[prefix + "cut_strokes"]] = found.cut_strokes[node]
+                row[_COLUMN[prefix + "cut"]] = 1.0
+                if not prefix:
+                    row[_COLUMN["cut_narrow"]] = max(0.0, SPLIT_WIDTH - component)
+        row[_BIAS + digit] = 1.0
+        row[_WIDTH + digit] = candidate.width
+    for j, (_, _, height) in enumerate(found.drops):
+        rows[count + j, _COLUMN["drop"]] = 1.0
+        rows[count + j, _COLUMN["drop_height"]] = height
+    starts = [c.start for c in found.candidates] + [d[0] for d in found.drops]
+    ends = [c.end for c in found.candidates] + [d[1] for d in found.drops]
+    return Steps(np.array(starts, dtype=np.int64), np.array(ends, dtype=np.int64),
+                 np.concatenate([np.arange(count), np.full(len(found.drops), -1)]).astype(np.int64), rows)
+
+
+def best_path(nodes: int, graph: Steps, scores: np.ndarray) -> list[int]:
+    """The steps (indices into `graph`) of the highest-scoring path from node 0 to node `nodes` - 1,
+    in order; [] when there is none. `scores[i]` is step i's score."""
+    best = [-math.inf] * nodes
+    back = [-1] * nodes  # the step that reaches each node best
+    best[0] = 0.0
+    order = np.argsort(graph.ends, kind="stable")
+    for i in order.tolist():  # every step ends later than it starts, so by end node is in order
+        start, end = int(graph.starts[i]), int(graph.ends[i])
+        total = best[start] + float(scores[i])
+        if total > best[end]:
+            best[end], back[end] = total, i
+    if best[nodes - 1] == -math.inf:
+        return []
+    path = []
+    node = nodes - 1
+    while node > 0:
+        path.append(back[node])
+        node = int(graph.starts[back[node]])
+    return path[::-1]
+
+
+def choose(found: Segmentation, logits: np.ndarray, probabilities: np.ndarray, scoring: Scoring) -> list[int]:
+    """The candidates (indices) on the best-scoring path through the segmentation graph, in order."""
+    graph = steps(found, logits, probabilities)
+    path = best_path(found.nodes, graph, graph.rows @ scoring.vector())
+    return [int(graph.candidates[i]) for i in path if graph.candidates[i] >= 0]
