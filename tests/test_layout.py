@@ -51,7 +51,7 @@ TRAINING_MAY_IMPORT = {"service.idx", "service.recognition.model_metadata", "ser
 # reader's measurement (service.perf.numbers) runs the protocol-free Reader in-process the same way.
 PERF_MAY_IMPORT_FROM_RECOGNITION = {"service.recognition.model", "service.recognition.preprocess",
                                     "service.recognition.decode", "service.recognition.reading.reader",
-                                    "service.recognition.reading.segment"}
+                                    "service.recognition.reading.segment", "service.recognition.reading.scoring"}
 
 
 def modules() -> dict[str, Path]:

@@ -49,13 +49,14 @@ def test_numbers_of_every_kind_read_exactly_at_a_high_rate(digits: tuple[np.ndar
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_every_box_covers_its_digit(digits: tuple[np.ndarray, np.ndarray], classify: Classify, kind: str) -> None:
-    """Where the reading is right, the i-th box holds the i-th true digit: all of
-    it where digits do not touch; where strokes run into each other the cut gives the ink they share
-    to one of the two, so most of it."""
-    covered = 0.95 if kind != "touching" else 0.7
+    """Where the reading is right, the i-th box holds the i-th true digit: all of it where digits do
+    not touch; where strokes run into each other a cut gives the ink they share to one of the two, so
+    at least half of every digit, and most digits nearly whole."""
+    covered = 0.95 if kind != "touching" else 0.5
     reader = Reader(classify)
     rng = np.random.default_rng([2, KINDS.index(kind)])
     checked = 0
+    shares = []
     for _ in range(12):
         number = compose(*digits, kind, rng)
         reading = read(reader, number)
@@ -67,7 +68,9 @@ def test_every_box_covers_its_digit(digits: tuple[np.ndarray, np.ndarray], class
                       * max(0, min(y + h, box.y + box.height) - max(y, box.y)))
             assert shared >= covered * w * h, (number.text, reading.text, (x, y, w, h), box)
             assert shared >= 0.5 * box.width * box.height  # and not much more than it
+            shares.append(shared / (w * h))
         checked += 1
+    assert float(np.median(shares)) >= 0.9
     assert checked >= 6
 
 
