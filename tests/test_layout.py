@@ -48,7 +48,7 @@ TRAINING_MAY_IMPORT = {"service.idx", "service.recognition.model_metadata", "ser
                        "service.recognition.rejection", "service.recognition.strokes",
                        "service.recognition.model"}
 # The benchmark's in-process ceiling loads the model with the server's loader and recipe; the number
-# reader's measurement (service.perf.numbers) runs the protocol-free Reader in-process the same way.
+# reader's measurement (service.perf.reading.numbers) runs the protocol-free Reader in-process the same way.
 PERF_MAY_IMPORT_FROM_RECOGNITION = {"service.recognition.model", "service.recognition.preprocess",
                                     "service.recognition.decode", "service.recognition.reading.reader",
                                     "service.recognition.reading.segment", "service.recognition.reading.scoring"}

@@ -39,11 +39,11 @@ from service.perf.loadsource import ImageSet, PreparedRequest, load_images, prep
 from service.perf.loadstats import LoadStats, Summary, percentile
 from service.perf.loadtest import LoadGenerator, LoadSpec
 from service.perf.machine import describe_machine
-from service.perf.numbers import compose
 from service.perf.peers.analyzer import AnalyzerError, AnalyzerResult, find_analyzer, run_analyzer, write_input_data
 from service.perf.peers.floor import FloorProcess
 from service.perf.peers.mlserver import MLServerProcess, PeerUnavailable
 from service.perf.peers.tritonload import TritonLoad, run_triton_load
+from service.perf.reading.numbers import compose
 from service.recognition.model import default_threads, load_model
 from service.recognition.preprocess import normalize
 

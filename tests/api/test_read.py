@@ -16,7 +16,7 @@ import pytest
 
 from service.client import DigitsClient, Failure
 from service.gen.digits.v1 import digits_pb2, digits_pb2_grpc
-from service.perf.numbers import KINDS, Number, compose
+from service.perf.reading.numbers import KINDS, Number, compose
 from tests.harness import ServerThread, fixture_digits, free_port, multipart, request, scrape
 
 IMAGES, LABELS = fixture_digits()

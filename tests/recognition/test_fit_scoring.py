@@ -9,8 +9,8 @@ import asyncio
 import numpy as np
 import pytest
 
-from service.perf.fit_scoring import Case, case_of, exact, fit, right_path, text_of
-from service.perf.numbers import compose, onnx_classifier
+from service.perf.reading.fit_scoring import Case, case_of, exact, fit, right_path, text_of
+from service.perf.reading.numbers import compose, onnx_classifier
 from service.recognition.reading.reader import Classify
 from service.recognition.reading.scoring import FEATURES, LEGACY, Scoring, best_path
 from tests.harness import SHIPPED_MODEL, fixture_digits

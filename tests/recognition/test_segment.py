@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from service.perf.numbers import KINDS, compose
+from service.perf.reading.numbers import KINDS, compose
 from service.recognition.decode import decode
 from service.recognition.reading import segment
 from tests.harness import fixture_digits

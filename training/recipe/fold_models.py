@@ -4,10 +4,10 @@ Choosing anything for a model on the digits it trained on flatters the model; ch
 digits spends them. The fold models of a `digits train --cv` run give a third way: fold k's model never
 saw fold k's digits, so every choice made on (fold k's digits, fold k's model) pairs is made on unseen
 digits, as the test figures are, and none of the test digits is touched. The number reader's weights
-are tuned this way (docs/reading.md):
+are fitted this way (docs/reading.md):
 
     python -m training.recipe.fold_models runs/lenet5 --data-dir ../shared/data/mnist-sample --out-dir runs/folds
-    python -m service.perf.numbers --tune --data-dir runs/folds/fold-1 --model runs/folds/fold-1.onnx ...
+    python -m service.perf.reading.fit_scoring --data-dir runs/folds/fold-1 --model runs/folds/fold-1.onnx ...
 
 Each fold model gets the run's temperature (fitted on all out-of-fold outputs), so its probabilities
 are calibrated as the shipped model's are; no rejection rule is attached.

@@ -7,7 +7,7 @@ steps' rows times the weights of `Scoring`. The features are the model's own out
 digit (too short, too narrow, wider than that digit usually is), the cuts it starts and ends at (the
 ink they cross, and whether the cut component is too narrow to hold two digits), and for a dropped
 component its height. One weight vector, so that the weights can be fitted to whole readings
-(`service.perf.fit_scoring`) rather than one at a time.
+(`service.perf.reading.fit_scoring`) rather than one at a time.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ class Scoring:
     """The weights of a path's features (`FEATURES`, in this order), in units of log-probability.
 
     The shape and cut features are positive where they say "unlikely", so their weights are mostly
-    negative. The defaults were fitted by `python -m service.perf.fit_scoring` (an averaged structured
+    negative. The defaults were fitted by `python -m service.perf.reading.fit_scoring` (an averaged structured
     perceptron) on 3,000 numbers composed from out-of-fold digits, each read by the fold model of model
     2.3.0's cross-validation that never saw them: no test digit chose them (docs/reading.md, "How the
     scoring weights were chosen"). `LEGACY` holds the hand-made weights they replaced. They depend on

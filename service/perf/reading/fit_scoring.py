@@ -8,7 +8,7 @@ towards that path's features and away from the chosen path's (Collins 2002). The
 average of the weights over all steps, which generalises better than the last ones. Cases with no
 right path (a digit no candidate reads right) teach nothing and are left alone.
 
-``python -m service.perf.fit_scoring --data-dir FOLD_DIGITS --model FOLD_MODEL ...`` prints the fitted
+``python -m service.perf.reading.fit_scoring --data-dir FOLD_DIGITS --model FOLD_MODEL ...`` prints the fitted
 weights (to put into `Scoring`'s defaults) and the exact-match counts, on the fitting numbers and on
 other numbers of the same digits, with the legacy weights, the current defaults and the fitted ones.
 """
@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from service import idx
-from service.perf.numbers import KINDS, Number, compose, onnx_classifier
+from service.perf.reading.numbers import KINDS, Number, compose, onnx_classifier
 from service.recognition.decode import decode
 from service.recognition.preprocess import mnist_recipe
 from service.recognition.reading import segment
@@ -150,8 +150,9 @@ def exact(cases: Sequence[Case], scoring: Scoring) -> dict[str, tuple[int, int]]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m service.perf.fit_scoring``: fit Scoring on validation digits and check it on others."""
-    parser = argparse.ArgumentParser(prog="python -m service.perf.fit_scoring", description=__doc__.split("\n\n")[0])
+    """``python -m service.perf.reading.fit_scoring``: fit Scoring on validation digits and check it on others."""
+    parser = argparse.ArgumentParser(prog="python -m service.perf.reading.fit_scoring",
+                                     description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-dir", type=Path, required=True, action="append",
                         help="IDX folder of digits the model given in its place never trained on (repeatable)")
     parser.add_argument("--model", type=Path, required=True, action="append", help="ONNX model, one per --data-dir")

@@ -16,7 +16,7 @@ true text and every digit's true box (its ink's bounding box in the image).
 
 `measure` composes numbers from digits a model never trained on, reads them with `Reader` and an
 in-process onnxruntime classifier, and reports exact-match accuracy per kind (Wilson 95% intervals)
-and digit-level accuracy. Run it as ``python -m service.perf.numbers`` (see docs/reading.md).
+and digit-level accuracy. Run it as ``python -m service.perf.reading.numbers`` (see docs/reading.md).
 """
 
 from __future__ import annotations
@@ -315,8 +315,9 @@ def report(results: Sequence[KindResult]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m service.perf.numbers``: measure the Reader on composed numbers."""
-    parser = argparse.ArgumentParser(prog="python -m service.perf.numbers", description=__doc__.split("\n\n")[0])
+    """``python -m service.perf.reading.numbers``: measure the Reader on composed numbers."""
+    parser = argparse.ArgumentParser(prog="python -m service.perf.reading.numbers",
+                                     description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-dir", type=Path, required=True,
                         help="IDX folder of digits the model never trained on (t10k-* preferred)")
     parser.add_argument("--model", type=Path, default=Path("models/lenet5.onnx"), help="ONNX model")
