@@ -20,7 +20,7 @@ from service.recognition.reading.reader import Classify, Reader, Reading
 from tests.harness import SHIPPED_MODEL, fixture_digits
 
 # Exact-match floors on 50 numbers (2-7 digits) of each kind from the fixture's t10k digits, a few
-# numbers under what this build reads (96%, 94% and 94% with model 2.3.0 and the fitted weights;
+# numbers under what this build reads (96%, 94% and 92% with model 2.3.0 and the fitted weights;
 # docs/reading.md): a regression in the segmenter or the scoring falls below them.
 FLOORS = {"spaced": 0.9, "tight": 0.92, "touching": 0.8}
 

@@ -38,36 +38,36 @@ class Scoring:
     The shape and cut features are positive where they say "unlikely", so their weights are mostly
     negative. The defaults were fitted by `python -m service.perf.reading.fit_scoring` (an averaged structured
     perceptron) on 3,000 numbers composed from out-of-fold digits, each read by the fold model of model
-    2.3.0's cross-validation that never saw them: no test digit chose them (docs/reading.md, "How the
-    scoring weights were chosen"). `LEGACY` holds the hand-made weights they replaced. They depend on
-    the model's logit scale: fit them again with a model whose scale moves.
+    2.3.0's cross-validation that never saw them, with segment.MAX_CANDIDATES at 384: no test digit chose
+    them (docs/reading.md, "How the scoring weights were chosen"). `LEGACY` holds the hand-made weights
+    they replaced. They depend on the model's logit scale: fit them again with a model whose scale moves.
     """
 
-    log_p: float = 4.7162  # log p(digit | crop)
+    log_p: float = 5.1503  # log p(digit | crop)
     # Softmax confidence says which digit a crop is most like, not whether it is one: two touching
     # digits or half a digit often get a confident softmax from smaller logits than a clean digit does;
     # a second logit close to the first says the crop is between two digits.
-    top_logit: float = 2.8673
-    second_logit: float = -3.0769
-    short: float = -42.1625  # per line height the crop is shorter than SHORT_BELOW
-    wide: float = -3.3366  # per line height it is wider than ASPECT[digit] + WIDE_MARGIN
-    wide_squared: float = -2.669  # the same, squared
-    narrow: float = -11.2114  # per line height a digit other than 1 is narrower than NARROW_BELOW
-    width: float = 0.2101  # of the line height
-    height: float = 3.7465
-    cut_strokes: float = -3.1444  # per stroke width the cut it starts at crosses
-    cut: float = -3.0477  # when it starts at a cut
-    cut_narrow: float = -6.182  # per line height the component it starts in is narrower than SPLIT_WIDTH
-    end_cut_strokes: float = -1.4569  # per stroke width the cut it ends at crosses
-    end_cut: float = -1.7477  # when it ends at a cut
-    drop: float = -6.6536  # per component dropped as noise
-    drop_height: float = -16.046  # per line height of the dropped component
+    top_logit: float = 2.9629
+    second_logit: float = -2.6372
+    short: float = -42.6699  # per line height the crop is shorter than SHORT_BELOW
+    wide: float = -3.4852  # per line height it is wider than ASPECT[digit] + WIDE_MARGIN
+    wide_squared: float = -3.576  # the same, squared
+    narrow: float = -11.3267  # per line height a digit other than 1 is narrower than NARROW_BELOW
+    width: float = 0.4597  # of the line height
+    height: float = 2.7189
+    cut_strokes: float = -3.0448  # per stroke width the cut it starts at crosses
+    cut: float = -3.0667  # when it starts at a cut
+    cut_narrow: float = -5.2998  # per line height the component it starts in is narrower than SPLIT_WIDTH
+    end_cut_strokes: float = -1.3573  # per stroke width the cut it ends at crosses
+    end_cut: float = -1.7667  # when it ends at a cut
+    drop: float = -8.3495  # per component dropped as noise
+    drop_height: float = -17.544  # per line height of the dropped component
     # Per digit read, and times its width: how often a piece of ink that is no digit passes for this
     # one (halves of digits read as 1 and 7 most), and how wide this digit is.
-    digit_bias: tuple[float, ...] = (-0.3564, -6.2885, -4.3617, -1.0627, 1.469, -4.4758, -4.2541, -5.519, -0.1095,
-                                     0.5124)
-    digit_width: tuple[float, ...] = (2.9158, -0.7804, 0.1247, -2.7522, -1.1307, 0.1206, 2.1316, 1.7304, -2.5495,
-                                      0.3996)
+    digit_bias: tuple[float, ...] = (-0.3471, -6.9653, -4.7242, -1.7557, 0.7003, -4.586, -3.8162, -5.8482, -0.183,
+                                     0.4921)
+    digit_width: tuple[float, ...] = (2.4624, 0.3226, 0.2666, -2.3342, -1.1225, -0.1606, 1.3911, 1.4307, -2.1473,
+                                      0.3509)
 
     def vector(self) -> np.ndarray:
         """The weights in the order of FEATURES."""

@@ -41,7 +41,7 @@ MIN_DIGIT_HEIGHT = 0.45  # of L
 MAX_INNER_GAP = 0.2  # of L: parts of one digit are never further apart than this
 MAX_COMPONENTS = 64  # per image, the largest: 20 digits in up to three pieces each
 MAX_CUTS = 64  # per image, the cheapest: 20 touching digits need 19
-MAX_CANDIDATES = 256  # per image: the most crops one image sends to the classifier
+MAX_CANDIDATES = 384  # per image: the most crops one image sends to the classifier (256 until 2026-12-04)
 PAGE_SIDE = 64  # the paper's level is estimated on a copy about this many pixels on its short side
 PAD = 2  # background pixels around every crop, so that mnist_recipe sees its polarity on the border
 
