@@ -73,11 +73,15 @@ async def case_of(number: Number, classify: Classify) -> Case | None:
 
 
 async def cases_of(sources: Sequence[tuple[np.ndarray, np.ndarray, Classify]], per_kind: int, seed: int,
-                   lengths: tuple[int, int] = (2, 7)) -> list[Case]:
-    """`per_kind` numbers of every kind from each source's digits, read by its classifier."""
-    cases = []
+                   lengths: tuple[int, int] = (2, 7), progress: str = "") -> list[Case]:
+    """`per_kind` numbers of every kind from each source's digits, read by its classifier. With
+    `progress`, a line on stderr as each source and kind is done (the CLI's fits take minutes)."""
+    cases: list[Case] = []
     for source, (images, labels, classify) in enumerate(sources):
         for kind_index, kind in enumerate(KINDS):
+            if progress:
+                print(f"{progress}: source {source + 1}/{len(sources)}, {kind}, {len(cases)} numbers so far",
+                      file=sys.stderr, flush=True)
             rng = np.random.default_rng([seed, source, kind_index])
             for _ in range(per_kind):
                 case = await case_of(compose(images, labels, kind, rng, lengths=lengths), classify)
@@ -172,8 +176,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if labels is None:
             parser.error(f"{folder} has no labels")
         sources.append((images, labels, onnx_classifier(model)))
-    fitting = asyncio.run(cases_of(sources, args.per_kind, args.seed))
-    checking = asyncio.run(cases_of(sources, args.check_per_kind, args.check_seed))
+    fitting = asyncio.run(cases_of(sources, args.per_kind, args.seed, progress="fitting numbers"))
+    checking = asyncio.run(cases_of(sources, args.check_per_kind, args.check_seed, progress="checking numbers"))
     fitted = fit(fitting, epochs=args.epochs, rate=args.rate)
     print(fitted)
     for name, scoring in (("legacy", LEGACY), ("defaults", Scoring()), ("fitted", fitted)):
