@@ -9,6 +9,7 @@ import pytest
 from PIL import Image, ImageDraw
 
 from service.perf.reading.numbers import KINDS, compose
+from service.perf.reading.numbers import box_iou as iou
 from service.recognition.decode import decode
 from service.recognition.reading import segment
 from tests.harness import fixture_digits
@@ -43,14 +44,6 @@ def test_every_digit_of_every_kind_is_covered_by_a_candidate_box(digits: tuple[n
         found = segment.segment(decode(number.png, 10**8))
         for x, y, w, h in number.boxes:
             assert max(iou((x, y, w, h), c.box) for c in found.candidates) >= 0.7, (kind, number.text)
-
-
-def iou(a: tuple[int, int, int, int], b: segment.Box) -> float:
-    ax, ay, aw, ah = a
-    width = max(0, min(ax + aw, b.x + b.width) - max(ax, b.x))
-    height = max(0, min(ay + ah, b.y + b.height) - max(ay, b.y))
-    shared = width * height
-    return shared / (aw * ah + b.width * b.height - shared)
 
 
 def test_specks_are_dropped(digits: tuple[np.ndarray, np.ndarray]) -> None:

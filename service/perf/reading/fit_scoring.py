@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from service import idx
-from service.perf.reading.numbers import KINDS, Number, compose, onnx_classifier
+from service.perf.reading.numbers import KINDS, MAX_PIXELS, Number, box_iou, compose, onnx_classifier
 from service.recognition.decode import decode
 from service.recognition.preprocess import mnist_recipe
 from service.recognition.reading import segment
@@ -48,16 +48,9 @@ class Case:
     covers: tuple[frozenset[int], ...]  # per step, the positions of true digits it reads right where they are
 
 
-def _iou(box: segment.Box, truth: tuple[int, int, int, int]) -> float:
-    x0, y0 = max(box.x, truth[0]), max(box.y, truth[1])
-    x1, y1 = min(box.x + box.width, truth[0] + truth[2]), min(box.y + box.height, truth[1] + truth[3])
-    inter = max(0, x1 - x0) * max(0, y1 - y0)
-    return inter / (box.width * box.height + truth[2] * truth[3] - inter)
-
-
 async def case_of(number: Number, classify: Classify) -> Case | None:
     """Segment and classify one number once (None when it has no candidates)."""
-    found = segment.segment(decode(number.png, 25_000_000))
+    found = segment.segment(decode(number.png, MAX_PIXELS))
     if not found.candidates:
         return None
     logits, probabilities = await classify(np.stack([mnist_recipe(c.crop) for c in found.candidates]))
@@ -67,7 +60,7 @@ async def case_of(number: Number, classify: Classify) -> Case | None:
     covers = tuple(
         frozenset() if index < 0 else frozenset(
             q for q, box in enumerate(number.boxes)
-            if int(number.text[q]) == int(read[index]) and _iou(found.candidates[index].box, box) >= MATCH_IOU)
+            if int(number.text[q]) == int(read[index]) and box_iou(box, found.candidates[index].box) >= MATCH_IOU)
         for index in graph.candidates.tolist())
     return Case(number.kind, number.text, found.nodes, graph, digits, covers)
 
@@ -107,9 +100,9 @@ def right_path(case: Case, weights: np.ndarray) -> list[int]:
             here = best.get((start, q))
             if here is None:
                 continue
-            reached = q if case.digits[i] < 0 else q + 1
             if case.digits[i] >= 0 and q not in case.covers[i]:
-                continue
+                continue  # a digit, but not the q-th true digit read right where it is
+            reached = q if case.digits[i] < 0 else q + 1
             total = here[0] + float(scores[i])
             if total > best.get((end, reached), (-math.inf, -1, -1))[0]:
                 best[end, reached] = (total, i, q)

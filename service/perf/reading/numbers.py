@@ -47,6 +47,7 @@ from service.recognition.reading.scoring import Scoring
 KINDS = ("spaced", "tight", "touching")
 INK_LEVEL = 0.2 * 255  # the Reader's ink threshold (preprocess.INK_THRESHOLD of the peak)
 EIGHT = np.ones((3, 3), dtype=bool)  # 8-connectivity, as the segmenter labels ink
+MAX_PIXELS = 25_000_000  # the decode limit for composed numbers (the server's default --max-image-pixels)
 
 
 @dataclass(frozen=True)
@@ -195,6 +196,15 @@ def _observed_kind(canvas: np.ndarray, masks: Sequence[np.ndarray], wanted: str)
     return wanted if wanted != "touching" else "tight"
 
 
+def box_iou(truth: tuple[int, int, int, int], box: segment.Box) -> float:
+    """Intersection over union of a true digit's box (x, y, width, height) and a candidate's box."""
+    x, y, w, h = truth
+    width = max(0, min(x + w, box.x + box.width) - max(x, box.x))
+    height = max(0, min(y + h, box.y + box.height) - max(y, box.y))
+    shared = width * height
+    return shared / (w * h + box.width * box.height - shared)
+
+
 # --- measurement ---
 
 
@@ -265,7 +275,7 @@ async def measure(images: np.ndarray, labels: np.ndarray, classify: Classify, pe
         seconds = 0.0
         for _ in range(per_kind):
             number = compose(images, labels, kind, rng, lengths=lengths)
-            gray = decode(number.png, 25_000_000)
+            gray = decode(number.png, MAX_PIXELS)
             started = time.perf_counter()
             reading = await reader.read(gray)
             seconds += time.perf_counter() - started

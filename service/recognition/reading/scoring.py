@@ -74,7 +74,7 @@ class Scoring:
         values: list[float] = []
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
-            values.extend(value if isinstance(value, tuple) else (value,))
+            values.extend(value if field.name in PER_DIGIT else (value,))
         return np.array(values, dtype=np.float64)
 
     @classmethod
@@ -83,18 +83,18 @@ class Scoring:
         values = [round(float(v), 4) for v in vector]
         weights: dict[str, float | tuple[float, ...]] = {}
         for field in dataclasses.fields(cls):
-            if field.name in ("digit_bias", "digit_width"):
+            if field.name in PER_DIGIT:
                 weights[field.name], values = tuple(values[:10]), values[10:]
             else:
                 weights[field.name], values = values[0], values[1:]
         return cls(**weights)  # type: ignore[arg-type]
 
 
+PER_DIGIT = ("digit_bias", "digit_width")  # the fields with one weight per digit read
 FEATURES: tuple[str, ...] = tuple(
     name for field in dataclasses.fields(Scoring)
-    for name in ([f"{field.name}_{d}" for d in range(10)] if field.name.startswith("digit_") else [field.name]))
+    for name in ([f"{field.name}_{d}" for d in range(10)] if field.name in PER_DIGIT else [field.name]))
 _COLUMN = {name: i for i, name in enumerate(FEATURES)}
-_BIAS, _WIDTH = _COLUMN["digit_bias_0"], _COLUMN["digit_width_0"]
 
 
 @dataclass(frozen=True)
@@ -112,33 +112,37 @@ def steps(found: Segmentation, logits: np.ndarray, probabilities: np.ndarray) ->
     """The steps of a segmentation graph, its candidates read by the model as `logits` / `probabilities`."""
     count = len(found.candidates)
     rows = np.zeros((count + len(found.drops), len(FEATURES)))
-    digits = probabilities.argmax(axis=1)
-    top_two = np.sort(logits, axis=1)[:, ::-1][:, :2] if count else np.zeros((0, 2))
-    for i, (candidate, digit) in enumerate(zip(found.candidates, digits, strict=True)):
-        row = rows[i]
-        over = max(0.0, candidate.width - ASPECT[digit] - WIDE_MARGIN)
-        row[_COLUMN["log_p"]] = math.log(max(FLOOR, float(probabilities[i, digit])))
-        row[_COLUMN["top_logit"]], row[_COLUMN["second_logit"]] = top_two[i]
-        row[_COLUMN["short"]] = max(0.0, SHORT_BELOW - candidate.height)
-        row[_COLUMN["wide"]], row[_COLUMN["wide_squared"]] = over, over * over
-        row[_COLUMN["narrow"]] = max(0.0, NARROW_BELOW - candidate.width) if digit != 1 else 0.0
-        row[_COLUMN["width"]], row[_COLUMN["height"]] = candidate.width, candidate.height
-        for node, prefix in ((candidate.start, ""), (candidate.end, "end_")):
-            component = found.cut_widths[node]
-            if component and node < found.nodes - 1:  # a cut (the line's end is no cut)
-                row[_COLUMN[prefix + "cut_strokes"]] = found.cut_strokes[node]
-                row[_COLUMN[prefix + "cut"]] = 1.0
-                if not prefix:
-                    row[_COLUMN["cut_narrow"]] = max(0.0, SPLIT_WIDTH - component)
-        row[_BIAS + digit] = 1.0
-        row[_WIDTH + digit] = candidate.width
-    for j, (_, _, height) in enumerate(found.drops):
-        rows[count + j, _COLUMN["drop"]] = 1.0
-        rows[count + j, _COLUMN["drop_height"]] = height
-    starts = [c.start for c in found.candidates] + [d[0] for d in found.drops]
-    ends = [c.end for c in found.candidates] + [d[1] for d in found.drops]
-    return Steps(np.array(starts, dtype=np.int64), np.array(ends, dtype=np.int64),
-                 np.concatenate([np.arange(count), np.full(len(found.drops), -1)]).astype(np.int64), rows)
+    starts = np.array([c.start for c in found.candidates] + [d[0] for d in found.drops], dtype=np.int64)
+    ends = np.array([c.end for c in found.candidates] + [d[1] for d in found.drops], dtype=np.int64)
+    kinds = np.concatenate([np.arange(count), np.full(len(found.drops), -1)]).astype(np.int64)
+    if count:
+        column = {name: rows[:count, i] for name, i in _COLUMN.items()}  # views: writing one fills rows
+        digits = probabilities.argmax(axis=1)
+        width = np.array([c.width for c in found.candidates])
+        height = np.array([c.height for c in found.candidates])
+        over = np.maximum(0.0, width - np.take(ASPECT, digits) - WIDE_MARGIN)
+        top_two = np.sort(logits, axis=1)[:, ::-1]
+        column["log_p"][:] = np.log(np.maximum(FLOOR, probabilities[np.arange(count), digits].astype(np.float64)))
+        column["top_logit"][:], column["second_logit"][:] = top_two[:, 0], top_two[:, 1]
+        column["short"][:] = np.maximum(0.0, SHORT_BELOW - height)
+        column["wide"][:], column["wide_squared"][:] = over, over * over
+        column["narrow"][:] = np.where(digits != 1, np.maximum(0.0, NARROW_BELOW - width), 0.0)
+        column["width"][:], column["height"][:] = width, height
+        # A node is a cut when the component it cuts has a width (a component's start has none); the
+        # line's end is no cut.
+        cut_width = np.array(found.cut_widths)
+        cut_strokes = np.array(found.cut_strokes)
+        for node, prefix in ((starts[:count], ""), (ends[:count], "end_")):
+            is_cut = (cut_width[node] > 0) & (node < found.nodes - 1)
+            column[prefix + "cut_strokes"][:] = np.where(is_cut, cut_strokes[node], 0.0)
+            column[prefix + "cut"][:] = is_cut
+            if not prefix:
+                column["cut_narrow"][:] = np.where(is_cut, np.maximum(0.0, SPLIT_WIDTH - cut_width[node]), 0.0)
+        rows[np.arange(count), _COLUMN["digit_bias_0"] + digits] = 1.0
+        rows[np.arange(count), _COLUMN["digit_width_0"] + digits] = width
+    rows[count:, _COLUMN["drop"]] = 1.0
+    rows[count:, _COLUMN["drop_height"]] = [drop[2] for drop in found.drops]
+    return Steps(starts, ends, kinds, rows)
 
 
 def best_path(nodes: int, graph: Steps, scores: np.ndarray) -> list[int]:
